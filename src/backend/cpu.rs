@@ -1,0 +1,564 @@
+//! The CPU backend: every optimizer as fused, chunked, parallel passes.
+//!
+//! A step is
+//! 1. a **scan** over the gradients (one read): non-finite check, per-tensor
+//!    and global norms (and for LARS the sums its trust ratio needs). Nothing
+//!    is written before it, so a skipped step leaves everything bit-identical;
+//! 2. one **fused pass** per tensor that reads parameter, gradient and state
+//!    once and writes parameter and state once — or, where a per-tensor norm
+//!    of the new direction is needed first (LAMB, AdamW with
+//!    `update_clip_rms`), two passes that recompute the direction instead of
+//!    storing it.
+//!
+//! Work is split into fixed 16K-element chunks across all tensors (so one huge
+//! tensor and hundreds of small ones both use every core), run with rayon,
+//! and per-chunk sums are added in chunk order: results do not depend on the
+//! number of threads.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use crate::backend::mixed::Rounding;
+use crate::backend::reduce::{dot, sum_sq, Sums, BLOCK};
+use crate::checkpoint::{StateData, StateDict, StateTensor};
+use crate::clip::{global_clip_factor, update_clip_factor, GradPrep};
+use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
+use crate::error::{KeelError, Result};
+use crate::group::{assign_groups, ParamGroup};
+use crate::optim::{adam, lars, lion, sgd, state_slots, trust_ratio, Optimizer};
+use crate::real::{GradElem, Real};
+use crate::stats::{SkipReason, StepStats, TensorStats};
+use crate::tensor::ParamSpec;
+
+/// Elements per parallel work item.
+pub(crate) const CHUNK: usize = 1 << 14;
+
+/// An optimizer whose parameters, gradients and state are host buffers of
+/// `T` (`f32` for speed, `f64` for conformance).
+#[derive(Debug, Clone)]
+pub struct CpuOptimizer<T: Real> {
+    config: OptimizerConfig,
+    specs: Vec<ParamSpec>,
+    groups: Vec<ParamGroup>,
+    group_of: Vec<usize>,
+    /// `state[tensor][slot]`, slots as [`state_slots`] names them.
+    state: Vec<Vec<Vec<T>>>,
+    step: u64,
+}
+
+/// Where a mixed-precision step writes its rounded parameters.
+pub(crate) struct Bf16Out<'a, 'b> {
+    pub params: &'a mut [&'b mut [bf16]],
+    pub rounding: Rounding,
+}
+
+/// One parallel work item: a chunk of one tensor and of its state.
+struct Chunk<'a, T, G> {
+    tensor: usize,
+    offset: usize,
+    p: &'a mut [T],
+    g: &'a [G],
+    s0: &'a mut [T],
+    s1: &'a mut [T],
+    out: Option<&'a mut [bf16]>,
+}
+
+impl<T: Real> CpuOptimizer<T> {
+    /// An optimizer over `specs`, all in one group.
+    pub fn new(config: OptimizerConfig, specs: Vec<ParamSpec>) -> Result<Self> {
+        let group = ParamGroup::all(&specs);
+        Self::with_groups(config, specs, vec![group])
+    }
+
+    /// An optimizer over `specs` in parameter groups; every parameter must be
+    /// in exactly one group.
+    pub fn with_groups(config: OptimizerConfig, specs: Vec<ParamSpec>, groups: Vec<ParamGroup>) -> Result<Self> {
+        config.validate()?;
+        let group_of = assign_groups(&specs, &groups)?;
+        let slots = state_slots(&config.kind).len();
+        let state = specs
+            .iter()
+            .map(|s| (0..slots).map(|_| vec![T::zero(); s.numel()]).collect())
+            .collect();
+        Ok(CpuOptimizer {
+            config,
+            specs,
+            groups,
+            group_of,
+            state,
+            step: 0,
+        })
+    }
+
+    /// Rebuilds an optimizer from a state dict (e.g. a loaded checkpoint).
+    pub fn from_state_dict(state: &StateDict) -> Result<Self> {
+        let mut opt = Self::with_groups(state.config.clone(), state.specs.clone(), state.groups.clone())?;
+        opt.load_state_dict(state)?;
+        Ok(opt)
+    }
+
+    /// The parameter groups.
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    /// A state buffer of parameter `tensor` by slot name (e.g. `exp_avg`).
+    pub fn state_buffer(&self, tensor: usize, slot: &str) -> Option<&[T]> {
+        let i = state_slots(&self.config.kind).iter().position(|s| *s == slot)?;
+        self.state.get(tensor).map(|s| &s[i][..])
+    }
+
+    /// Sets every moment and momentum buffer to zero (the step count is kept,
+    /// so bias corrections continue): a momentum reset after a spike.
+    pub fn reset_state(&mut self) {
+        for slot in self.state.iter_mut().flatten() {
+            slot.fill(T::zero());
+        }
+    }
+
+    fn check_buffers<P, G>(&self, params: &[&mut [P]], grads: &[&[G]]) -> Result<()> {
+        let n = self.specs.len();
+        if params.len() != n || grads.len() != n {
+            return Err(KeelError::shape(
+                "step",
+                format!(
+                    "expected {n} parameter and gradient buffers, got {} and {}",
+                    params.len(),
+                    grads.len()
+                ),
+            ));
+        }
+        for ((spec, p), g) in self.specs.iter().zip(params).zip(grads) {
+            let want = spec.numel();
+            if p.len() != want || g.len() != want {
+                return Err(KeelError::shape(
+                    &spec.name,
+                    format!(
+                        "shape {:?} has {want} elements; parameter has {}, gradient {}",
+                        spec.shape,
+                        p.len(),
+                        g.len()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The step, generic over the gradient element type and with an optional
+    /// bf16 copy of the updated parameters (mixed precision).
+    pub(crate) fn step_with<G: GradElem<T>>(
+        &mut self,
+        params: &mut [&mut [T]],
+        grads: &[&[G]],
+        out: Option<Bf16Out<'_, '_>>,
+    ) -> Result<StepStats> {
+        self.check_buffers(params, grads)?;
+        if let Some(o) = &out {
+            self.check_buffers(o.params, grads)?;
+        }
+        let kind = self.config.kind.clone();
+        let lr = kind.lr();
+        let n = self.specs.len();
+
+        // 1. Scan: read every gradient before anything is written.
+        let with_params = matches!(kind, OptimizerKind::Lars(_));
+        let scan_prep = GradPrep::<T>::new(self.config.clip_value, 1.0);
+        let scan = scan(params, grads, &scan_prep, with_params);
+        let finite: Vec<bool> = scan.iter().map(|s| s.grad_sq.is_finite()).collect();
+        let finite: Vec<bool> = finite
+            .iter()
+            .zip(grads)
+            .map(|(&ok, g)| ok || g.iter().all(|x| x.get().is_finite()))
+            .collect();
+        let grad_norms: Vec<f64> = scan
+            .iter()
+            .zip(grads)
+            .zip(&finite)
+            .map(|((s, g), &ok)| match (s.grad_sq.is_finite(), ok) {
+                (true, _) => s.grad_sq.sqrt(),
+                (false, true) => overflow_safe_norm(g, &scan_prep),
+                (false, false) => f64::NAN,
+            })
+            .collect();
+        let global_norm = grad_norms.iter().map(|x| x * x).sum::<f64>().sqrt();
+
+        if finite.iter().any(|ok| !ok) {
+            let bad: Vec<String> = finite
+                .iter()
+                .zip(&self.specs)
+                .filter(|(ok, _)| !**ok)
+                .map(|(_, s)| s.name.clone())
+                .collect();
+            if self.config.on_nonfinite == NonFinitePolicy::Error {
+                return Err(KeelError::NonFiniteGradient { tensors: bad });
+            }
+            let tensors = grad_norms
+                .iter()
+                .zip(&finite)
+                .map(|(&grad_norm, &finite)| TensorStats {
+                    grad_norm,
+                    update_norm: 0.0,
+                    param_norm: f64::NAN,
+                    trust_ratio: None,
+                    update_clip_factor: None,
+                    finite,
+                })
+                .collect();
+            return Ok(StepStats {
+                step: self.step,
+                lr,
+                global_grad_norm: global_norm,
+                global_grad_norm_clipped: global_norm,
+                clip_factor: 1.0,
+                skipped: Some(SkipReason::NonFiniteGradient { tensors: bad }),
+                tensors,
+            });
+        }
+
+        // 2. Coefficients per tensor, then the fused pass(es).
+        let s = global_clip_factor(global_norm, self.config.clip_global_norm);
+        let prep = GradPrep::<T>::new(self.config.clip_value, s);
+        let t = self.step + 1;
+        let wd = kind.weight_decay();
+        let group = |i: usize| &self.groups[self.group_of[i]];
+        let lr_of: Vec<f64> = (0..n).map(|i| lr * group(i).lr_scale).collect();
+        let wd_of: Vec<f64> = (0..n).map(|i| if group(i).weight_decay { wd } else { 0.0 }).collect();
+        let trust_on: Vec<bool> = (0..n).map(|i| group(i).trust_ratio).collect();
+        let mut trust = vec![None; n];
+        let mut uclip = vec![None; n];
+        let step = self.step;
+        let rounding = out.as_ref().map(|o| o.rounding);
+        let mut chunks = make_chunks(params, grads, &mut self.state, out);
+
+        let sums = match &kind {
+            OptimizerKind::Sgd(c) => {
+                let k: Vec<sgd::SgdCoeffs<T>> = (0..n)
+                    .map(|i| sgd::SgdCoeffs::new(lr_of[i], wd_of[i], c.momentum, c.dampening, c.nesterov, t == 1))
+                    .collect();
+                if c.momentum == 0.0 {
+                    apply_pass(&mut chunks, n, (step, rounding), |c| sgd::step_plain(&k[c.tensor], &prep, c.p, c.g))
+                } else {
+                    apply_pass(&mut chunks, n, (step, rounding), |c| sgd::step(&k[c.tensor], &prep, c.p, c.g, c.s0))
+                }
+            }
+            OptimizerKind::Adam(c) => {
+                let k: Vec<adam::AdamCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
+                        k.l2 = T::from_f64x(wd_of[i]);
+                        k.lr = T::from_f64x(lr_of[i]);
+                        k
+                    })
+                    .collect();
+                apply_pass(&mut chunks, n, (step, rounding), |c| adam::step(&k[c.tensor], &prep, c.p, c.g, c.s0, c.s1))
+            }
+            OptimizerKind::AdamW(c) => {
+                let mut k: Vec<adam::AdamCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
+                        k.decay = T::from_f64x(1.0 - lr_of[i] * wd_of[i]);
+                        k.lr = T::from_f64x(lr_of[i]);
+                        k
+                    })
+                    .collect();
+                match c.update_clip_rms {
+                    None => apply_pass(&mut chunks, n, (step, rounding), |c| adam::step(&k[c.tensor], &prep, c.p, c.g, c.s0, c.s1)),
+                    Some(max_rms) => {
+                        let dir = moment_pass(&mut chunks, n, |c| {
+                            adam::moments(&k[c.tensor], &prep, None, c.g, c.s0, c.s1)
+                        });
+                        for i in 0..n {
+                            let f = update_clip_factor(dir[i].direction_sq, self.specs[i].numel(), max_rms);
+                            uclip[i] = Some(f);
+                            k[i].lr = T::from_f64x(lr_of[i] * f);
+                        }
+                        apply_pass(&mut chunks, n, (step, rounding), |c| adam::apply(&k[c.tensor], c.p, c.s0, c.s1))
+                    }
+                }
+            }
+            OptimizerKind::Lamb(c) => {
+                let mut k: Vec<adam::AdamCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
+                        k.wd_dir = T::from_f64x(wd_of[i]);
+                        k
+                    })
+                    .collect();
+                let dir = moment_pass(&mut chunks, n, |c| {
+                    adam::moments(&k[c.tensor], &prep, Some(&*c.p), c.g, c.s0, c.s1)
+                });
+                for i in 0..n {
+                    let r = if trust_on[i] {
+                        let r = trust_ratio(dir[i].param_sq.sqrt(), dir[i].direction_sq.sqrt(), 1.0, 0.0);
+                        trust[i] = Some(r);
+                        r
+                    } else {
+                        1.0
+                    };
+                    k[i].lr = T::from_f64x(lr_of[i] * r);
+                }
+                apply_pass(&mut chunks, n, (step, rounding), |c| adam::apply(&k[c.tensor], c.p, c.s0, c.s1))
+            }
+            OptimizerKind::Lars(c) => {
+                let k: Vec<lars::LarsCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        let r = if trust_on[i] {
+                            let u = lars::direction_norm(&scan[i], s, wd_of[i]);
+                            let r = trust_ratio(scan[i].param_sq.sqrt(), u, c.trust_coefficient, c.eps);
+                            trust[i] = Some(r);
+                            r
+                        } else {
+                            1.0
+                        };
+                        lars::LarsCoeffs::new(lr_of[i] * r, wd_of[i], c.momentum, c.nesterov)
+                    })
+                    .collect();
+                apply_pass(&mut chunks, n, (step, rounding), |c| lars::step(&k[c.tensor], &prep, c.p, c.g, c.s0))
+            }
+            OptimizerKind::Lion(c) => {
+                let k: Vec<lion::LionCoeffs<T>> = (0..n)
+                    .map(|i| lion::LionCoeffs::new(lr_of[i], c.beta1, c.beta2, wd_of[i]))
+                    .collect();
+                apply_pass(&mut chunks, n, (step, rounding), |c| lion::step(&k[c.tensor], &prep, c.p, c.g, c.s0))
+            }
+        };
+        drop(chunks);
+        self.step = t;
+
+        let tensors = (0..n)
+            .map(|i| TensorStats {
+                grad_norm: grad_norms[i],
+                update_norm: sums[i].update_sq.sqrt(),
+                param_norm: sums[i].param_sq.sqrt(),
+                trust_ratio: trust[i],
+                update_clip_factor: uclip[i],
+                finite: true,
+            })
+            .collect();
+        Ok(StepStats {
+            step: t,
+            lr,
+            global_grad_norm: global_norm,
+            global_grad_norm_clipped: global_norm * s,
+            clip_factor: s,
+            skipped: None,
+            tensors,
+        })
+    }
+}
+
+/// The scan pass: per tensor, `sum(clamp(g)^2)` in f64 (non-finite exactly
+/// when some element is, barring f64 overflow, which the caller rechecks)
+/// and, with `with_params`, `sum(p^2)` and `sum(clamp(g)*p)`.
+fn scan<T: Real, G: GradElem<T>>(
+    params: &[&mut [T]],
+    grads: &[&[G]],
+    prep: &GradPrep<T>,
+    with_params: bool,
+) -> Vec<Sums> {
+    let work: Vec<(usize, &[G], &[T])> = grads
+        .iter()
+        .zip(params)
+        .enumerate()
+        .flat_map(|(i, (g, p))| {
+            g.chunks(CHUNK)
+                .zip(p.chunks(CHUNK))
+                .map(move |(gc, pc)| (i, gc, pc))
+        })
+        .collect();
+    let partial: Vec<(usize, Sums)> = work
+        .into_par_iter()
+        .map(|(i, g, p)| {
+            let mut sums = Sums::default();
+            let mut clamped = [T::zero(); BLOCK];
+            for (gb, pb) in g.chunks(BLOCK).zip(p.chunks(BLOCK)) {
+                let cb = &mut clamped[..gb.len()];
+                for (c, g) in cb.iter_mut().zip(gb) {
+                    *c = prep.clamp(g.get());
+                }
+                sums.grad_sq += sum_sq(cb);
+                if with_params {
+                    sums.param_sq += sum_sq(pb);
+                    sums.grad_dot_param += dot(cb, pb);
+                }
+            }
+            (i, sums)
+        })
+        .collect();
+    reduce_in_order(partial, params.len())
+}
+
+/// The norm of a finite gradient whose sum of squares overflowed f64.
+fn overflow_safe_norm<T: Real, G: GradElem<T>>(g: &[G], prep: &GradPrep<T>) -> f64 {
+    let max = g.iter().map(|x| prep.clamp(x.get()).to_f64x().abs()).fold(0.0, f64::max);
+    let sq: f64 = g
+        .iter()
+        .map(|x| {
+            let y = prep.clamp(x.get()).to_f64x() / max;
+            y * y
+        })
+        .sum();
+    max * sq.sqrt()
+}
+
+fn reduce_in_order(partial: Vec<(usize, Sums)>, n: usize) -> Vec<Sums> {
+    let mut out = vec![Sums::default(); n];
+    for (i, s) in &partial {
+        out[*i].add(s);
+    }
+    out
+}
+
+fn make_chunks<'a, T: Real, G>(
+    params: &'a mut [&mut [T]],
+    grads: &'a [&[G]],
+    state: &'a mut [Vec<Vec<T>>],
+    out: Option<Bf16Out<'a, '_>>,
+) -> Vec<Chunk<'a, T, G>> {
+    let mut outs: Vec<Option<&'a mut [bf16]>> = match out {
+        Some(o) => o.params.iter_mut().map(|b| Some(&mut **b)).collect(),
+        None => (0..params.len()).map(|_| None).collect(),
+    };
+    let mut chunks = Vec::new();
+    for (i, ((p, g), st)) in params.iter_mut().zip(grads).zip(state.iter_mut()).enumerate() {
+        let len = p.len();
+        let mut slots = st.iter_mut();
+        let mut s0 = slot_chunks(slots.next(), len);
+        let mut s1 = slot_chunks(slots.next(), len);
+        let mut o = match outs[i].take() {
+            Some(b) => b.chunks_mut(CHUNK).map(Some).collect::<Vec<_>>(),
+            None => Vec::new(),
+        }
+        .into_iter();
+        for (j, (pc, gc)) in p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)).enumerate() {
+            chunks.push(Chunk {
+                tensor: i,
+                offset: j * CHUNK,
+                p: pc,
+                g: gc,
+                s0: s0.next().unwrap_or_default(),
+                s1: s1.next().unwrap_or_default(),
+                out: o.next().flatten(),
+            });
+        }
+    }
+    chunks
+}
+
+fn slot_chunks<T>(slot: Option<&mut Vec<T>>, len: usize) -> std::vec::IntoIter<&mut [T]> {
+    match slot {
+        Some(v) if v.len() == len => v.chunks_mut(CHUNK).collect::<Vec<_>>().into_iter(),
+        _ => Vec::new().into_iter(),
+    }
+}
+
+/// Runs the final pass (the one that writes parameters) on every chunk, then,
+/// for mixed precision, rounds the chunk's new master weights to bf16 while
+/// they are still in cache.
+fn apply_pass<T: Real, G: Sync, F>(
+    chunks: &mut [Chunk<'_, T, G>],
+    n: usize,
+    (step, rounding): (u64, Option<Rounding>),
+    kernel: F,
+) -> Vec<Sums>
+where
+    F: Fn(&mut Chunk<'_, T, G>) -> Sums + Sync,
+{
+    let partial = chunks
+        .par_iter_mut()
+        .map(|c| {
+            let sums = kernel(c);
+            if let (Some(out), Some(rounding)) = (c.out.as_deref_mut(), rounding) {
+                rounding.write(out, c.p, step, c.tensor, c.offset);
+            }
+            (c.tensor, sums)
+        })
+        .collect();
+    reduce_in_order(partial, n)
+}
+
+/// Runs pass A of a two-pass optimizer (writes state only).
+fn moment_pass<T: Real, G: Sync, F>(chunks: &mut [Chunk<'_, T, G>], n: usize, kernel: F) -> Vec<Sums>
+where
+    F: Fn(&mut Chunk<'_, T, G>) -> Sums + Sync,
+{
+    let partial = chunks.par_iter_mut().map(|c| (c.tensor, kernel(c))).collect();
+    reduce_in_order(partial, n)
+}
+
+impl<T: Real> Optimizer for CpuOptimizer<T> {
+    type Param = [T];
+    type Grad = [T];
+
+    fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        self.config.set_lr(lr)
+    }
+
+    fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    fn step(&mut self, params: &mut [&mut [T]], grads: &[&[T]]) -> Result<StepStats> {
+        self.step_with(params, grads, None)
+    }
+
+    fn state_dict(&self) -> Result<StateDict> {
+        let slots = state_slots(&self.config.kind);
+        let mut tensors = Vec::with_capacity(self.specs.len() * slots.len());
+        for (spec, state) in self.specs.iter().zip(&self.state) {
+            for (slot, data) in slots.iter().zip(state) {
+                tensors.push(StateTensor {
+                    name: format!("{}/{}", spec.name, slot),
+                    shape: spec.shape.clone(),
+                    data: StateData::from_slice(data),
+                });
+            }
+        }
+        Ok(StateDict {
+            config: self.config.clone(),
+            step: self.step,
+            specs: self.specs.clone(),
+            groups: self.groups.clone(),
+            tensors,
+            extra: Default::default(),
+        })
+    }
+
+    fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
+        if sd.config.kind.name() != self.config.kind.name() {
+            return Err(KeelError::State(format!(
+                "state is for `{}`, optimizer is `{}`",
+                sd.config.kind.name(),
+                self.config.kind.name()
+            )));
+        }
+        sd.check_specs(&self.specs)?;
+        sd.config.validate()?;
+        let group_of = assign_groups(&self.specs, &sd.groups)?;
+        let slots = state_slots(&sd.config.kind);
+        let mut state = Vec::with_capacity(self.specs.len());
+        for spec in &self.specs {
+            let mut bufs = Vec::with_capacity(slots.len());
+            for slot in slots {
+                let name = format!("{}/{}", spec.name, slot);
+                bufs.push(sd.tensor::<T>(&name, spec.numel())?);
+            }
+            state.push(bufs);
+        }
+        self.config = sd.config.clone();
+        self.groups = sd.groups.clone();
+        self.group_of = group_of;
+        self.state = state;
+        self.step = sd.step;
+        Ok(())
+    }
+}

@@ -1,0 +1,236 @@
+//! Step timing for `keel bench`: the median time of a CPU step, the bytes it
+//! moves, and the same traffic through a trivial loop (the memory floor).
+//!
+//! The floor loop reads and writes exactly the optimizer's minimum streams
+//! (parameter, gradient and state read once; parameter and state written
+//! once) with the same chunking and threads, and does next to no arithmetic:
+//! no implementation of the step can beat it, so `floor_ms / ms_per_step` is
+//! how close keel gets to the machine's limit.
+
+use std::time::Instant;
+
+use half::bf16;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::backend::cpu::CHUNK;
+use crate::config::OptimizerConfig;
+use crate::error::{KeelError, Result};
+use crate::group::ParamGroup;
+use crate::optim::{bytes_per_param, state_slots, Optimizer};
+use crate::tensor::ParamSpec;
+use crate::{CpuOptimizer, MixedPrecisionOptimizer, Rounding};
+
+/// Parameter storage of a benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchDtype {
+    /// f32 parameters and gradients.
+    F32,
+    /// bf16 parameters and gradients, f32 master weights and state.
+    Bf16,
+}
+
+/// What to time.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// The optimizer.
+    pub config: OptimizerConfig,
+    /// Total parameters.
+    pub params: usize,
+    /// Number of tensors the parameters are split into (equal sizes).
+    pub tensors: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Untimed warm-up steps.
+    pub warmup: usize,
+    /// Parameter storage.
+    pub dtype: BenchDtype,
+}
+
+/// Timing results (all times are medians over the timed steps).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Optimizer kind.
+    pub optimizer: String,
+    /// Total parameters.
+    pub params: usize,
+    /// Tensors.
+    pub tensors: usize,
+    /// Parameter storage.
+    pub dtype: BenchDtype,
+    /// rayon worker threads.
+    pub threads: usize,
+    /// Timed steps.
+    pub steps: usize,
+    /// Median milliseconds per step.
+    pub ms_per_step: f64,
+    /// Fastest step, milliseconds.
+    pub min_ms: f64,
+    /// Bytes keel moves per parameter (every pass counted).
+    pub bytes_per_param: usize,
+    /// The minimum bytes per parameter any implementation moves.
+    pub min_bytes_per_param: usize,
+    /// `bytes_per_param * params / ms_per_step`, in GB/s.
+    pub gb_per_s: f64,
+    /// Median milliseconds of the floor loop (the minimum traffic, no math).
+    pub floor_ms: f64,
+    /// The floor loop's GB/s.
+    pub floor_gb_per_s: f64,
+    /// `floor_ms / ms_per_step` in percent.
+    pub pct_of_floor: f64,
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        0.5 * (xs[n / 2 - 1] + xs[n / 2])
+    }
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+fn sizes(params: usize, tensors: usize) -> Vec<usize> {
+    let base = params / tensors;
+    let mut v = vec![base; tensors];
+    v[tensors - 1] += params - base * tensors;
+    v
+}
+
+fn time_steps(opts: &BenchOptions, mut step: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+    for _ in 0..opts.warmup {
+        step()?;
+    }
+    let mut times = Vec::with_capacity(opts.steps);
+    for _ in 0..opts.steps {
+        let t0 = Instant::now();
+        step()?;
+        times.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(times)
+}
+
+/// The floor loop for `slots` state buffers: reads `p, g, state`, writes
+/// `p, state`, with trivial arithmetic.
+fn floor_step(p: &mut [Vec<f32>], g: &[Vec<f32>], state: &mut [Vec<Vec<f32>>]) {
+    let mut work = Vec::new();
+    for ((p, g), st) in p.iter_mut().zip(g).zip(state.iter_mut()) {
+        let mut slots = st.iter_mut();
+        let s0 = slots.next();
+        let s1 = slots.next();
+        let mut s0 = s0.map(|v| v.chunks_mut(CHUNK).collect::<Vec<_>>()).unwrap_or_default().into_iter();
+        let mut s1 = s1.map(|v| v.chunks_mut(CHUNK).collect::<Vec<_>>()).unwrap_or_default().into_iter();
+        for (pc, gc) in p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)) {
+            work.push((pc, gc, s0.next(), s1.next()));
+        }
+    }
+    work.into_par_iter().for_each(|(p, g, s0, s1)| match (s0, s1) {
+        (Some(a), Some(b)) => {
+            for (((p, g), a), b) in p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut()) {
+                *a = 0.5 * *a + *g;
+                *b = 0.5 * *b + *g;
+                *p -= 1e-6 * (*a + *b);
+            }
+        }
+        (Some(a), None) => {
+            for ((p, g), a) in p.iter_mut().zip(g).zip(a.iter_mut()) {
+                *a = 0.5 * *a + *g;
+                *p -= 1e-6 * *a;
+            }
+        }
+        _ => {
+            for (p, g) in p.iter_mut().zip(g) {
+                *p -= 1e-6 * *g;
+            }
+        }
+    });
+}
+
+/// Times the optimizer step and the floor loop on the same sizes.
+pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    if opts.params == 0 || opts.tensors == 0 || opts.tensors > opts.params {
+        return Err(KeelError::config(
+            "bench",
+            format!("need 0 < tensors <= params, got {} tensors, {} params", opts.tensors, opts.params),
+        ));
+    }
+    if opts.steps == 0 {
+        return Err(KeelError::config("bench.steps", "must be at least 1"));
+    }
+    opts.config.validate()?;
+    let sizes = sizes(opts.params, opts.tensors);
+    let specs: Vec<ParamSpec> = sizes.iter().enumerate().map(|(i, &n)| ParamSpec::new(format!("t{i}"), [n])).collect();
+    let mut params: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| fill(n, 2 * i as u64 + 1, 1.0)).collect();
+    let grads: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| fill(n, 2 * i as u64 + 2, 0.01)).collect();
+
+    let times = match opts.dtype {
+        BenchDtype::F32 => {
+            let mut opt = CpuOptimizer::<f32>::new(opts.config.clone(), specs)?;
+            let g: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
+            time_steps(opts, || {
+                let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
+                opt.step(&mut p, &g).map(|_| ())
+            })?
+        }
+        BenchDtype::Bf16 => {
+            let mut pb: Vec<Vec<bf16>> = params.iter().map(|p| p.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+            let gb: Vec<Vec<bf16>> = grads.iter().map(|g| g.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+            let init: Vec<&[bf16]> = pb.iter().map(|p| &p[..]).collect();
+            let groups = vec![ParamGroup::all(&specs)];
+            let mut opt = MixedPrecisionOptimizer::new(opts.config.clone(), specs, groups, &init, Rounding::Nearest)?;
+            let g: Vec<&[bf16]> = gb.iter().map(|g| &g[..]).collect();
+            time_steps(opts, || {
+                let mut p: Vec<&mut [bf16]> = pb.iter_mut().map(|p| &mut p[..]).collect();
+                opt.step(&mut p, &g).map(|_| ())
+            })?
+        }
+    };
+
+    let slots = state_slots(&opts.config.kind).len();
+    let mut floor_state: Vec<Vec<Vec<f32>>> =
+        sizes.iter().map(|&n| (0..slots).map(|_| vec![0.0f32; n]).collect()).collect();
+    let floor_times = time_steps(opts, || {
+        floor_step(&mut params, &grads, &mut floor_state);
+        Ok(())
+    })?;
+
+    let (mut bytes, min_bytes) = bytes_per_param(&opts.config, 4);
+    if opts.dtype == BenchDtype::Bf16 {
+        // The gradient is read twice at 2 bytes instead of 4; the bf16 copy
+        // of the parameter is written (2 bytes).
+        bytes -= 2;
+    }
+    let ms = median(times.clone());
+    let floor_ms = median(floor_times);
+    let gb = |b: usize, ms: f64| b as f64 * opts.params as f64 / (ms * 1e-3) / 1e9;
+    Ok(BenchReport {
+        optimizer: opts.config.kind.name().to_string(),
+        params: opts.params,
+        tensors: opts.tensors,
+        dtype: opts.dtype,
+        threads: rayon::current_num_threads(),
+        steps: opts.steps,
+        ms_per_step: ms,
+        min_ms: times.iter().copied().fold(f64::INFINITY, f64::min),
+        bytes_per_param: bytes,
+        min_bytes_per_param: min_bytes,
+        gb_per_s: gb(bytes, ms),
+        floor_ms,
+        floor_gb_per_s: gb(min_bytes, floor_ms),
+        pct_of_floor: 100.0 * floor_ms / ms,
+    })
+}

@@ -1,0 +1,310 @@
+//! Optimizer state as safetensors files, written atomically, resumed
+//! bit-exactly.
+//!
+//! Layout: one tensor per state buffer, named `{param}/{slot}` (e.g.
+//! `h0.w/exp_avg`, `h0.w/master`), in its own dtype; the safetensors metadata
+//! holds `format = keel-optimizer-state`, `format_version`, the config (in the
+//! serde vocabulary of [`crate::config`]), the step count, the parameter specs
+//! and groups, and a CRC-32 of the tensor bytes so that a corrupted file is
+//! refused rather than silently resumed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::config::OptimizerConfig;
+use crate::error::{KeelError, Result};
+use crate::group::ParamGroup;
+use crate::real::Real;
+use crate::tensor::ParamSpec;
+
+/// The `format` metadata value of a keel optimizer state file.
+pub const FORMAT: &str = "keel-optimizer-state";
+/// The newest `format_version` this build reads and the one it writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The data of one state tensor, in its own dtype.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StateData {
+    /// 32-bit floats.
+    F32(Vec<f32>),
+    /// 64-bit floats.
+    F64(Vec<f64>),
+}
+
+impl StateData {
+    /// A copy of `data` in its own dtype.
+    pub fn from_slice<T: Real>(data: &[T]) -> Self {
+        if T::DTYPE == "F32" {
+            StateData::F32(data.iter().map(|x| x.to_f32x()).collect())
+        } else {
+            StateData::F64(data.iter().map(|x| x.to_f64x()).collect())
+        }
+    }
+
+    fn dtype(&self) -> &'static str {
+        match self {
+            StateData::F32(_) => "F32",
+            StateData::F64(_) => "F64",
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            StateData::F32(v) => v.len(),
+            StateData::F64(v) => v.len(),
+        }
+    }
+
+    fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            StateData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            StateData::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+}
+
+/// One named state tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateTensor {
+    /// `{param}/{slot}`.
+    pub name: String,
+    /// The parameter's shape.
+    pub shape: Vec<usize>,
+    /// The values.
+    pub data: StateData,
+}
+
+/// A backend-independent host copy of an optimizer's whole state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateDict {
+    /// The configuration, including the current learning rate.
+    pub config: OptimizerConfig,
+    /// Steps taken.
+    pub step: u64,
+    /// The parameters, in buffer order.
+    pub specs: Vec<ParamSpec>,
+    /// The parameter groups.
+    pub groups: Vec<ParamGroup>,
+    /// Every state buffer.
+    pub tensors: Vec<StateTensor>,
+    /// Backend-specific extras (e.g. the master-weight rounding mode).
+    pub extra: BTreeMap<String, String>,
+}
+
+impl StateDict {
+    /// Errors unless `specs` equals the state's parameters (names, shapes, order).
+    pub fn check_specs(&self, specs: &[ParamSpec]) -> Result<()> {
+        if self.specs.len() != specs.len() {
+            return Err(KeelError::State(format!(
+                "state has {} parameters, optimizer has {}",
+                self.specs.len(),
+                specs.len()
+            )));
+        }
+        for (a, b) in self.specs.iter().zip(specs) {
+            if a != b {
+                return Err(KeelError::State(format!(
+                    "state has parameter `{}` {:?} where the optimizer has `{}` {:?}",
+                    a.name, a.shape, b.name, b.shape
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensor `name` as a `Vec<T>` of length `len`; the dtype must be `T`'s.
+    pub fn tensor<T: Real>(&self, name: &str, len: usize) -> Result<Vec<T>> {
+        let t = self
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| KeelError::State(format!("missing state tensor `{name}`")))?;
+        if t.data.len() != len {
+            return Err(KeelError::State(format!(
+                "state tensor `{name}` has {} elements, expected {len}",
+                t.data.len()
+            )));
+        }
+        if t.data.dtype() != T::DTYPE {
+            return Err(KeelError::State(format!(
+                "state tensor `{name}` is {}, the optimizer computes in {}",
+                t.data.dtype(),
+                T::DTYPE
+            )));
+        }
+        Ok(match &t.data {
+            StateData::F32(v) => v.iter().map(|&x| T::from_f64x(x as f64)).collect(),
+            StateData::F64(v) => v.iter().map(|&x| T::from_f64x(x)).collect(),
+        })
+    }
+}
+
+fn err(path: &Path, message: impl Into<String>) -> KeelError {
+    KeelError::Checkpoint {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+fn checksum(tensors: &[(String, Vec<u8>)]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for (name, bytes) in tensors {
+        h.update(name.as_bytes());
+        h.update(bytes);
+    }
+    h.finalize()
+}
+
+/// Serializes a state dict to safetensors bytes.
+pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
+    let json = |what: &str, v: serde_json::Result<String>| {
+        v.map_err(|e| KeelError::State(format!("cannot serialize {what}: {e}")))
+    };
+    let mut named: Vec<(String, Vec<u8>)> =
+        state.tensors.iter().map(|t| (t.name.clone(), t.data.to_le_bytes())).collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+    meta.insert("config".to_string(), json("config", serde_json::to_string(&state.config))?);
+    meta.insert("step".to_string(), state.step.to_string());
+    meta.insert("specs".to_string(), json("specs", serde_json::to_string(&state.specs))?);
+    meta.insert("groups".to_string(), json("groups", serde_json::to_string(&state.groups))?);
+    meta.insert("extra".to_string(), json("extra", serde_json::to_string(&state.extra))?);
+    meta.insert("crc32".to_string(), format!("{:08x}", checksum(&named)));
+    let by_name: HashMap<&str, &StateTensor> = state.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut views = Vec::with_capacity(named.len());
+    for (name, bytes) in &named {
+        let t = by_name[name.as_str()];
+        let dtype = match t.data {
+            StateData::F32(_) => Dtype::F32,
+            StateData::F64(_) => Dtype::F64,
+        };
+        let view = TensorView::new(dtype, t.shape.clone(), bytes)
+            .map_err(|e| KeelError::State(format!("tensor `{name}`: {e}")))?;
+        views.push((name.clone(), view));
+    }
+    safetensors::serialize(views, Some(meta)).map_err(|e| KeelError::State(format!("cannot serialize state: {e}")))
+}
+
+/// Parses safetensors bytes written by [`to_bytes`]; `path` is for messages.
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
+    let (_, header) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| err(path, format!("not a readable safetensors file (truncated or corrupted?): {e}")))?;
+    let st = SafeTensors::deserialize(bytes)
+        .map_err(|e| err(path, format!("not a readable safetensors file (truncated or corrupted?): {e}")))?;
+    let meta = header
+        .metadata()
+        .as_ref()
+        .ok_or_else(|| err(path, "no metadata: not a keel optimizer state file"))?;
+    let get = |key: &str| {
+        meta.get(key)
+            .ok_or_else(|| err(path, format!("metadata has no `{key}`: not a keel optimizer state file")))
+    };
+    if get("format")? != FORMAT {
+        return Err(err(path, format!("format is `{}`, expected `{FORMAT}`", get("format")?)));
+    }
+    let version: u32 = get("format_version")?
+        .parse()
+        .map_err(|_| err(path, "format_version is not a number"))?;
+    if version > FORMAT_VERSION {
+        return Err(err(
+            path,
+            format!("format_version {version} is newer than this keel reads ({FORMAT_VERSION})"),
+        ));
+    }
+    let parse = |key: &str| -> Result<serde_json::Value> {
+        serde_json::from_str(get(key)?).map_err(|e| err(path, format!("metadata `{key}`: {e}")))
+    };
+    let config: OptimizerConfig = serde_json::from_value(parse("config")?)
+        .map_err(|e| err(path, format!("metadata `config`: {e}")))?;
+    let specs: Vec<ParamSpec> =
+        serde_json::from_value(parse("specs")?).map_err(|e| err(path, format!("metadata `specs`: {e}")))?;
+    let groups: Vec<ParamGroup> =
+        serde_json::from_value(parse("groups")?).map_err(|e| err(path, format!("metadata `groups`: {e}")))?;
+    let extra: BTreeMap<String, String> =
+        serde_json::from_value(parse("extra")?).map_err(|e| err(path, format!("metadata `extra`: {e}")))?;
+    let step: u64 = get("step")?.parse().map_err(|_| err(path, "metadata `step` is not a number"))?;
+
+    let mut named: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut tensors = Vec::new();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    for name in names {
+        let view = st.tensor(&name).map_err(|e| err(path, format!("tensor `{name}`: {e}")))?;
+        let bytes = view.data();
+        let data = match view.dtype() {
+            Dtype::F32 => StateData::F32(
+                bytes
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+            ),
+            Dtype::F64 => StateData::F64(
+                bytes
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                    .collect(),
+            ),
+            other => return Err(err(path, format!("tensor `{name}` has unsupported dtype {other:?}"))),
+        };
+        named.push((name.clone(), bytes.to_vec()));
+        tensors.push(StateTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    let want = get("crc32")?;
+    let got = format!("{:08x}", checksum(&named));
+    if *want != got {
+        return Err(err(path, format!("checksum mismatch (stored {want}, computed {got}): the file is corrupted")));
+    }
+    Ok(StateDict {
+        config,
+        step,
+        specs,
+        groups,
+        tensors,
+        extra,
+    })
+}
+
+/// Writes `state` to `path` atomically: a temporary file in the same folder,
+/// flushed to disk, then renamed over `path`.
+pub fn save(path: &Path, state: &StateDict) -> Result<()> {
+    let bytes = to_bytes(state)?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a crash
+/// leaves either the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| err(path, "path has no file name"))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp: PathBuf = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        err(path, format!("cannot write: {e}"))
+    })
+}
+
+/// Reads a state file written by [`save`].
+pub fn load(path: &Path) -> Result<StateDict> {
+    let bytes = fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    from_bytes(&bytes, path)
+}

@@ -1,0 +1,473 @@
+//! Optimizer configuration: the vocabulary of the conformance cases, used as
+//! the serde format everywhere (CLI, TOML/JSON files, checkpoints).
+//!
+//! A config is one flat map with a `kind` tag:
+//!
+//! ```
+//! # use keel::OptimizerConfig;
+//! let c: OptimizerConfig = serde_json::from_str(
+//!     r#"{"kind": "lamb", "lr": 0.01, "weight_decay": 0.01, "clip_global_norm": 1.0}"#,
+//! ).unwrap();
+//! assert_eq!(c.kind.name(), "lamb");
+//! assert_eq!(c.clip_global_norm, Some(1.0));
+//! // Unknown keys and kinds are errors that name them.
+//! let e = serde_json::from_str::<OptimizerConfig>(r#"{"kind": "adamw", "lr": 1, "betta1": 0.9}"#);
+//! assert!(e.unwrap_err().to_string().contains("betta1"));
+//! ```
+//!
+//! Keys shared by every kind: `clip_global_norm` (optax `clip_by_global_norm`
+//! over all tensors, no epsilon), `clip_value` (elementwise clamp to `[-c, c]`
+//! before everything else, as `torch.nn.utils.clip_grad_value_`), and
+//! `on_nonfinite` (`"skip"`, the default, or `"error"`). Unset keys take the
+//! reference library's defaults; `lr` is always required.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{KeelError, Result};
+
+/// What a step does when a gradient holds NaN or Inf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    /// Skip the step: parameters and state stay bit-identical, the step count
+    /// does not advance, and [`crate::StepStats::skipped`] names the tensors.
+    #[default]
+    Skip,
+    /// Refuse the step with [`KeelError::NonFiniteGradient`] (nothing is written).
+    Error,
+}
+
+/// A complete optimizer configuration: the kind with its hyperparameters, and
+/// the gradient clipping and non-finite policy shared by every kind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimizerConfig {
+    /// The optimizer and its hyperparameters.
+    pub kind: OptimizerKind,
+    /// Clip the global L2 norm of all gradients to this value (`clip_global_norm`).
+    pub clip_global_norm: Option<f64>,
+    /// Clamp each gradient element to `[-c, c]` first (`clip_value`).
+    pub clip_value: Option<f64>,
+    /// What to do with non-finite gradients (`on_nonfinite`).
+    pub on_nonfinite: NonFinitePolicy,
+}
+
+/// torch.optim.SGD: `g += wd*p`; `b = g` at the first step, else
+/// `b = momentum*b + (1-dampening)*g`; `d = g + momentum*b` if nesterov else `b`;
+/// `p -= lr*d`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SgdConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor (0 keeps no state).
+    #[serde(default)]
+    pub momentum: f64,
+    /// Dampening of the momentum's gradient term.
+    #[serde(default)]
+    pub dampening: f64,
+    /// Nesterov momentum.
+    #[serde(default)]
+    pub nesterov: bool,
+    /// Coupled L2 weight decay, added to the gradient.
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+/// torch.optim.Adam with coupled L2 weight decay (`g += wd*p`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// Second-moment decay.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// Added to the bias-corrected root of the second moment.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Coupled L2 weight decay.
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+/// torch.optim.AdamW / optax.adamw (decoupled weight decay), with optional
+/// Adafactor-style update clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// Second-moment decay.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// Added to the bias-corrected root of the second moment.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay: `p -= lr*wd*p`.
+    #[serde(default = "default_adamw_wd")]
+    pub weight_decay: f64,
+    /// Clip the Adam direction per tensor to this RMS before weight decay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_clip_rms: Option<f64>,
+}
+
+/// optax.lamb: the AdamW direction plus weight decay, scaled per tensor by the
+/// trust ratio `||p|| / ||u||`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LambConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// Second-moment decay.
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    /// Added to the bias-corrected root of the second moment.
+    #[serde(default = "default_lamb_eps")]
+    pub eps: f64,
+    /// Weight decay added to the direction before the trust ratio.
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+/// optax.lars: `u = g + wd*p` scaled by `tc*||p||/(||u||+eps)`, then the
+/// learning rate, then (Nesterov) momentum.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LarsConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum, applied after the learning rate as optax does.
+    #[serde(default = "default_lars_momentum")]
+    pub momentum: f64,
+    /// Nesterov momentum.
+    #[serde(default)]
+    pub nesterov: bool,
+    /// Weight decay added to the gradient before the trust ratio.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Trust coefficient `tc`.
+    #[serde(default = "default_trust_coefficient")]
+    pub trust_coefficient: f64,
+    /// Added to `||u||` in the trust ratio's denominator.
+    #[serde(default)]
+    pub eps: f64,
+}
+
+/// optax.lion: `p -= lr*(sign(b1*m + (1-b1)*g) + wd*p)`, `m = b2*m + (1-b2)*g`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LionConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Interpolation factor of the update direction.
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// Decay of the momentum.
+    #[serde(default = "default_lion_beta2")]
+    pub beta2: f64,
+    /// Decoupled weight decay.
+    #[serde(default = "default_lion_wd")]
+    pub weight_decay: f64,
+}
+
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_adamw_wd() -> f64 {
+    0.01
+}
+fn default_lamb_eps() -> f64 {
+    1e-6
+}
+fn default_lars_momentum() -> f64 {
+    0.9
+}
+fn default_trust_coefficient() -> f64 {
+    0.001
+}
+fn default_lion_beta2() -> f64 {
+    0.99
+}
+fn default_lion_wd() -> f64 {
+    1e-3
+}
+
+/// The optimizer kind and its own hyperparameters (the `kind` tag selects it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// `sgd`.
+    Sgd(SgdConfig),
+    /// `adam`.
+    Adam(AdamConfig),
+    /// `adamw`.
+    AdamW(AdamWConfig),
+    /// `lamb`.
+    Lamb(LambConfig),
+    /// `lars`.
+    Lars(LarsConfig),
+    /// `lion`.
+    Lion(LionConfig),
+}
+
+/// Every `kind` this build implements.
+pub const KINDS: [&str; 6] = ["sgd", "adam", "adamw", "lamb", "lars", "lion"];
+
+impl OptimizerKind {
+    /// The `kind` tag.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd(_) => "sgd",
+            OptimizerKind::Adam(_) => "adam",
+            OptimizerKind::AdamW(_) => "adamw",
+            OptimizerKind::Lamb(_) => "lamb",
+            OptimizerKind::Lars(_) => "lars",
+            OptimizerKind::Lion(_) => "lion",
+        }
+    }
+
+    /// The base learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimizerKind::Sgd(c) => c.lr,
+            OptimizerKind::Adam(c) => c.lr,
+            OptimizerKind::AdamW(c) => c.lr,
+            OptimizerKind::Lamb(c) => c.lr,
+            OptimizerKind::Lars(c) => c.lr,
+            OptimizerKind::Lion(c) => c.lr,
+        }
+    }
+
+    fn lr_mut(&mut self) -> &mut f64 {
+        match self {
+            OptimizerKind::Sgd(c) => &mut c.lr,
+            OptimizerKind::Adam(c) => &mut c.lr,
+            OptimizerKind::AdamW(c) => &mut c.lr,
+            OptimizerKind::Lamb(c) => &mut c.lr,
+            OptimizerKind::Lars(c) => &mut c.lr,
+            OptimizerKind::Lion(c) => &mut c.lr,
+        }
+    }
+
+    /// The weight decay hyperparameter (coupled or decoupled, per kind).
+    pub fn weight_decay(&self) -> f64 {
+        match self {
+            OptimizerKind::Sgd(c) => c.weight_decay,
+            OptimizerKind::Adam(c) => c.weight_decay,
+            OptimizerKind::AdamW(c) => c.weight_decay,
+            OptimizerKind::Lamb(c) => c.weight_decay,
+            OptimizerKind::Lars(c) => c.weight_decay,
+            OptimizerKind::Lion(c) => c.weight_decay,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// A config of `kind` with no clipping and the default (skip) policy.
+    pub fn new(kind: OptimizerKind) -> Self {
+        OptimizerConfig {
+            kind,
+            clip_global_norm: None,
+            clip_value: None,
+            on_nonfinite: NonFinitePolicy::Skip,
+        }
+    }
+
+    /// Parses a config from JSON text.
+    pub fn from_json(text: &str) -> Result<Self> {
+        serde_json::from_str(text).map_err(|e| KeelError::config("optimizer", e.to_string()))
+    }
+
+    /// Parses a config from TOML text (the same flat keys).
+    pub fn from_toml(text: &str) -> Result<Self> {
+        toml::from_str(text).map_err(|e| KeelError::config("optimizer", e.to_string()))
+    }
+
+    /// The base learning rate.
+    pub fn lr(&self) -> f64 {
+        self.kind.lr()
+    }
+
+    /// Sets the base learning rate after checking it.
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        check_lr(self.kind.name(), lr)?;
+        *self.kind.lr_mut() = lr;
+        Ok(())
+    }
+
+    /// Checks every value; the error names the first invalid field.
+    pub fn validate(&self) -> Result<()> {
+        let k = self.kind.name();
+        check_lr(k, self.lr())?;
+        let f = |field: &str| format!("{k}.{field}");
+        match &self.kind {
+            OptimizerKind::Sgd(c) => {
+                unit_interval(&f("momentum"), c.momentum)?;
+                closed_unit(&f("dampening"), c.dampening)?;
+                non_negative(&f("weight_decay"), c.weight_decay)?;
+                if c.nesterov && (c.momentum <= 0.0 || c.dampening != 0.0) {
+                    return Err(KeelError::config(
+                        f("nesterov"),
+                        "Nesterov momentum needs momentum > 0 and dampening = 0",
+                    ));
+                }
+            }
+            OptimizerKind::Adam(c) => {
+                unit_interval(&f("beta1"), c.beta1)?;
+                unit_interval(&f("beta2"), c.beta2)?;
+                non_negative(&f("eps"), c.eps)?;
+                non_negative(&f("weight_decay"), c.weight_decay)?;
+            }
+            OptimizerKind::AdamW(c) => {
+                unit_interval(&f("beta1"), c.beta1)?;
+                unit_interval(&f("beta2"), c.beta2)?;
+                non_negative(&f("eps"), c.eps)?;
+                non_negative(&f("weight_decay"), c.weight_decay)?;
+                if let Some(d) = c.update_clip_rms {
+                    positive(&f("update_clip_rms"), d)?;
+                }
+            }
+            OptimizerKind::Lamb(c) => {
+                unit_interval(&f("beta1"), c.beta1)?;
+                unit_interval(&f("beta2"), c.beta2)?;
+                non_negative(&f("eps"), c.eps)?;
+                non_negative(&f("weight_decay"), c.weight_decay)?;
+            }
+            OptimizerKind::Lars(c) => {
+                unit_interval(&f("momentum"), c.momentum)?;
+                non_negative(&f("weight_decay"), c.weight_decay)?;
+                positive(&f("trust_coefficient"), c.trust_coefficient)?;
+                non_negative(&f("eps"), c.eps)?;
+            }
+            OptimizerKind::Lion(c) => {
+                unit_interval(&f("beta1"), c.beta1)?;
+                unit_interval(&f("beta2"), c.beta2)?;
+                non_negative(&f("weight_decay"), c.weight_decay)?;
+            }
+        }
+        if let Some(c) = self.clip_global_norm {
+            positive("clip_global_norm", c)?;
+        }
+        if let Some(c) = self.clip_value {
+            positive("clip_value", c)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_lr(kind: &str, lr: f64) -> Result<()> {
+    if !lr.is_finite() || lr < 0.0 {
+        return Err(KeelError::config(
+            format!("{kind}.lr"),
+            format!("must be finite and >= 0, got {lr}"),
+        ));
+    }
+    Ok(())
+}
+
+fn unit_interval(field: &str, x: f64) -> Result<()> {
+    if !(0.0..1.0).contains(&x) {
+        return Err(KeelError::config(field, format!("must be in [0, 1), got {x}")));
+    }
+    Ok(())
+}
+
+fn closed_unit(field: &str, x: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&x) {
+        return Err(KeelError::config(field, format!("must be in [0, 1], got {x}")));
+    }
+    Ok(())
+}
+
+fn non_negative(field: &str, x: f64) -> Result<()> {
+    if !x.is_finite() || x < 0.0 {
+        return Err(KeelError::config(field, format!("must be finite and >= 0, got {x}")));
+    }
+    Ok(())
+}
+
+fn positive(field: &str, x: f64) -> Result<()> {
+    if !x.is_finite() || x <= 0.0 {
+        return Err(KeelError::config(field, format!("must be finite and > 0, got {x}")));
+    }
+    Ok(())
+}
+
+const SHARED_KEYS: [&str; 3] = ["clip_global_norm", "clip_value", "on_nonfinite"];
+
+impl<'de> Deserialize<'de> for OptimizerConfig {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        // Go through a generic map so the shared keys can be split off and the
+        // kind's own struct can still reject unknown keys (serde's `flatten`
+        // cannot be combined with `deny_unknown_fields`).
+        let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let mut take = |key: &str| map.remove(key);
+        let shared: Vec<Option<serde_json::Value>> = SHARED_KEYS.iter().map(|k| take(k)).collect();
+        let number = |i: usize| -> std::result::Result<Option<f64>, D::Error> {
+            match &shared[i] {
+                None | Some(serde_json::Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| D::Error::custom(format!("`{}` must be a number", SHARED_KEYS[i]))),
+            }
+        };
+        let clip_global_norm = number(0)?;
+        let clip_value = number(1)?;
+        let on_nonfinite = match &shared[2] {
+            None => NonFinitePolicy::Skip,
+            Some(v) => NonFinitePolicy::deserialize(v)
+                .map_err(|e| D::Error::custom(format!("`on_nonfinite`: {e}")))?,
+        };
+        if !map.contains_key("kind") {
+            return Err(D::Error::custom(format!(
+                "missing `kind` (one of {})",
+                KINDS.join(", ")
+            )));
+        }
+        let kind = OptimizerKind::deserialize(serde_json::Value::Object(map))
+            .map_err(|e| D::Error::custom(e.to_string()))?;
+        Ok(OptimizerConfig {
+            kind,
+            clip_global_norm,
+            clip_value,
+            on_nonfinite,
+        })
+    }
+}
+
+impl Serialize for OptimizerConfig {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        let mut value = serde_json::to_value(&self.kind).map_err(S::Error::custom)?;
+        let map = value
+            .as_object_mut()
+            .ok_or_else(|| S::Error::custom("optimizer kind did not serialize to a map"))?;
+        if let Some(c) = self.clip_global_norm {
+            map.insert("clip_global_norm".into(), c.into());
+        }
+        if let Some(c) = self.clip_value {
+            map.insert("clip_value".into(), c.into());
+        }
+        if self.on_nonfinite != NonFinitePolicy::Skip {
+            map.insert("on_nonfinite".into(), "error".into());
+        }
+        value.serialize(serializer)
+    }
+}

@@ -1,0 +1,131 @@
+//! The optimizer trait and the per-element math of each optimizer.
+//!
+//! Each file holds one optimizer family's math as small fused kernels over a
+//! chunk of a tensor; [`crate::backend::cpu`] runs them in parallel over
+//! chunks and decides the passes. LAMB is the Adam direction plus weight decay
+//! scaled by [`trust_ratio`] (two passes of [`adam`]); LARS is
+//! [`lars`] with the same trust ratio.
+
+use std::path::Path;
+
+use crate::checkpoint::{self, StateDict};
+use crate::config::{OptimizerConfig, OptimizerKind};
+use crate::error::Result;
+use crate::stats::StepStats;
+use crate::tensor::ParamSpec;
+
+pub(crate) mod adam;
+pub(crate) mod lars;
+pub(crate) mod lion;
+pub(crate) mod sgd;
+
+/// One optimizer over named flat parameter buffers, whatever the backend.
+///
+/// `Param` and `Grad` are the buffer types the backend updates: `[f32]` or
+/// `[f64]` host slices for [`crate::CpuOptimizer`], `[bf16]` for
+/// [`crate::MixedPrecisionOptimizer`] (and device buffers for a GPU backend).
+/// Buffers are passed in the order of [`Optimizer::specs`], one per parameter.
+pub trait Optimizer {
+    /// The parameter buffer type.
+    type Param: ?Sized;
+    /// The gradient buffer type.
+    type Grad: ?Sized;
+
+    /// The registered parameters, in buffer order.
+    fn specs(&self) -> &[ParamSpec];
+
+    /// The configuration (its `lr` is the current base learning rate).
+    fn config(&self) -> &OptimizerConfig;
+
+    /// The current base learning rate.
+    fn lr(&self) -> f64 {
+        self.config().lr()
+    }
+
+    /// Sets the base learning rate for the following steps (e.g. from a
+    /// [`crate::Schedule`]); negative or non-finite values are an error.
+    fn set_lr(&mut self, lr: f64) -> Result<()>;
+
+    /// Steps taken so far (skipped steps do not count).
+    fn step_count(&self) -> u64;
+
+    /// Updates every parameter from its gradient and returns the statistics.
+    ///
+    /// Non-finite gradients skip the step (nothing is written) or return an
+    /// error, per [`crate::NonFinitePolicy`]. Buffers whose count or lengths do
+    /// not match [`Optimizer::specs`] are an error and nothing is written.
+    fn step(&mut self, params: &mut [&mut Self::Param], grads: &[&Self::Grad]) -> Result<StepStats>;
+
+    /// A host copy of the whole optimizer state (config, step count, groups,
+    /// moments), the same for every backend.
+    fn state_dict(&self) -> Result<StateDict>;
+
+    /// Restores a state from [`Optimizer::state_dict`]: parameters must match
+    /// by name and shape, and the kind and dtype must match.
+    fn load_state_dict(&mut self, state: &StateDict) -> Result<()>;
+
+    /// Writes the state as a safetensors file, atomically.
+    fn save_state(&self, path: &Path) -> Result<()> {
+        checkpoint::save(path, &self.state_dict()?)
+    }
+
+    /// Reads a state written by [`Optimizer::save_state`].
+    fn load_state(&mut self, path: &Path) -> Result<()> {
+        let state = checkpoint::load(path)?;
+        self.load_state_dict(&state)
+    }
+}
+
+/// The LAMB/LARS trust ratio `coefficient * ||p|| / (||u|| + eps)`, or 1 when
+/// either norm is 0 (optax `scale_by_trust_ratio`).
+///
+/// ```
+/// assert_eq!(keel::optim::trust_ratio(2.0, 4.0, 1.0, 0.0), 0.5);
+/// assert_eq!(keel::optim::trust_ratio(0.0, 4.0, 1.0, 0.0), 1.0);
+/// ```
+pub fn trust_ratio(param_norm: f64, update_norm: f64, coefficient: f64, eps: f64) -> f64 {
+    if param_norm == 0.0 || update_norm == 0.0 {
+        1.0
+    } else {
+        coefficient * param_norm / (update_norm + eps)
+    }
+}
+
+/// Names of the per-parameter state buffers of a kind, in storage order
+/// (torch's names where torch has the optimizer).
+pub fn state_slots(kind: &OptimizerKind) -> &'static [&'static str] {
+    match kind {
+        OptimizerKind::Sgd(c) if c.momentum == 0.0 => &[],
+        OptimizerKind::Sgd(_) => &["momentum_buffer"],
+        OptimizerKind::Adam(_) | OptimizerKind::AdamW(_) | OptimizerKind::Lamb(_) => {
+            &["exp_avg", "exp_avg_sq"]
+        }
+        OptimizerKind::Lars(_) => &["momentum_buffer"],
+        OptimizerKind::Lion(_) => &["exp_avg"],
+    }
+}
+
+/// Bytes moved per parameter by one CPU step of `config` at element size
+/// `elem` (4 for f32), counting every pass, and the minimum any
+/// implementation must move (read parameter, gradient and state once, write
+/// parameter and state once).
+///
+/// ```
+/// # use keel::OptimizerConfig;
+/// let c = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.001}"#).unwrap();
+/// assert_eq!(keel::optim::bytes_per_param(&c, 4), (32, 28));
+/// ```
+pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) {
+    let slots = state_slots(&config.kind).len();
+    let minimum = (2 + slots + 1 + slots) * elem;
+    let streams = match &config.kind {
+        // scan reads g, and (LARS) p; then one fused pass.
+        OptimizerKind::Lars(_) => 2 + minimum / elem,
+        // scan g; pass A reads g, m, v (+p for lamb) and writes m, v; pass B
+        // reads p, m, v and writes p.
+        OptimizerKind::AdamW(c) if c.update_clip_rms.is_some() => 1 + 5 + 4,
+        OptimizerKind::Lamb(_) => 1 + 6 + 4,
+        _ => 1 + minimum / elem,
+    };
+    (streams * elem, minimum)
+}
