@@ -111,17 +111,27 @@ fn sizes(params: usize, tensors: usize) -> Vec<usize> {
     v
 }
 
-fn time_steps(opts: &BenchOptions, mut step: impl FnMut() -> Result<()>) -> Result<Vec<f64>> {
+/// Times `step` and `floor` alternately: warm-up, then `steps` of each.
+fn time_alternating(
+    opts: &BenchOptions,
+    floor: &mut impl FnMut(),
+    mut step: impl FnMut() -> Result<()>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
     for _ in 0..opts.warmup {
         step()?;
+        floor();
     }
-    let mut times = Vec::with_capacity(opts.steps);
+    let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1e3;
+    let (mut steps, mut floors) = (Vec::with_capacity(opts.steps), Vec::with_capacity(opts.steps));
     for _ in 0..opts.steps {
         let t0 = Instant::now();
         step()?;
-        times.push(t0.elapsed().as_secs_f64() * 1e3);
+        steps.push(ms(t0));
+        let t0 = Instant::now();
+        floor();
+        floors.push(ms(t0));
     }
-    Ok(times)
+    Ok((steps, floors))
 }
 
 /// The floor loop for `slots` state buffers: reads `p, g, state`, writes
@@ -177,11 +187,18 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let mut params: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| fill(n, 2 * i as u64 + 1, 1.0)).collect();
     let grads: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| fill(n, 2 * i as u64 + 2, 0.01)).collect();
 
-    let times = match opts.dtype {
+    // The step and the floor loop alternate, so that drifts in machine load
+    // hit both alike and their ratio stays meaningful on a noisy machine.
+    let slots = state_slots(&opts.config.kind).len();
+    let mut floor_state: Vec<Vec<Vec<f32>>> =
+        sizes.iter().map(|&n| (0..slots).map(|_| vec![0.0f32; n]).collect()).collect();
+    let mut floor_params = params.clone();
+    let mut floor = || floor_step(&mut floor_params, &grads, &mut floor_state);
+    let (times, floor_times) = match opts.dtype {
         BenchDtype::F32 => {
             let mut opt = CpuOptimizer::<f32>::new(opts.config.clone(), specs)?;
             let g: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
-            time_steps(opts, || {
+            time_alternating(opts, &mut floor, || {
                 let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
                 opt.step(&mut p, &g).map(|_| ())
             })?
@@ -193,20 +210,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             let groups = vec![ParamGroup::all(&specs)];
             let mut opt = MixedPrecisionOptimizer::new(opts.config.clone(), specs, groups, &init, Rounding::Nearest)?;
             let g: Vec<&[bf16]> = gb.iter().map(|g| &g[..]).collect();
-            time_steps(opts, || {
+            time_alternating(opts, &mut floor, || {
                 let mut p: Vec<&mut [bf16]> = pb.iter_mut().map(|p| &mut p[..]).collect();
                 opt.step(&mut p, &g).map(|_| ())
             })?
         }
     };
-
-    let slots = state_slots(&opts.config.kind).len();
-    let mut floor_state: Vec<Vec<Vec<f32>>> =
-        sizes.iter().map(|&n| (0..slots).map(|_| vec![0.0f32; n]).collect()).collect();
-    let floor_times = time_steps(opts, || {
-        floor_step(&mut params, &grads, &mut floor_state);
-        Ok(())
-    })?;
 
     let (mut bytes, min_bytes) = bytes_per_param(&opts.config, 4);
     if opts.dtype == BenchDtype::Bf16 {

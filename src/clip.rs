@@ -53,16 +53,17 @@ impl<T: Real> GradPrep<T> {
         }
     }
 
-    /// The clamped gradient, unscaled (what norms are measured on).
+    /// Whether `clip_value` is set.
+    pub(crate) fn clamps(&self) -> bool {
+        self.hi.is_finite()
+    }
+
+    /// The clamped gradient, unscaled (what norms are measured on). `max` and
+    /// `min` vectorize; they map NaN to a bound, so non-finite checks must
+    /// look at the unclamped gradient.
     #[inline(always)]
     pub(crate) fn clamp(&self, g: T) -> T {
-        if g < self.lo {
-            self.lo
-        } else if g > self.hi {
-            self.hi
-        } else {
-            g
-        }
+        g.max(self.lo).min(self.hi)
     }
 
     /// The gradient the optimizer uses.

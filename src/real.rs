@@ -69,12 +69,23 @@ impl Real for f64 {
 pub trait GradElem<T: Real>: Copy + Send + Sync + 'static {
     /// The value as `T`.
     fn get(self) -> T;
+
+    /// The slice itself when it already holds `T` (no conversion needed).
+    #[inline(always)]
+    fn as_native(_: &[Self]) -> Option<&[T]> {
+        None
+    }
 }
 
 impl<T: Real> GradElem<T> for T {
     #[inline(always)]
     fn get(self) -> T {
         self
+    }
+
+    #[inline(always)]
+    fn as_native(g: &[T]) -> Option<&[T]> {
+        Some(g)
     }
 }
 

@@ -75,6 +75,7 @@ impl<T: Real> AdamCoeffs<T> {
 }
 
 /// One fused pass (adam, adamw): reads `p, g, m, v`, writes `p, m, v`.
+#[inline(always)]
 pub(crate) fn step<T: Real, G: GradElem<T>>(
     k: &AdamCoeffs<T>,
     prep: &GradPrep<T>,
@@ -110,6 +111,7 @@ pub(crate) fn step<T: Real, G: GradElem<T>>(
 
 /// Pass A of the two-pass variants: reads `g, m, v` (and `p` when given),
 /// writes `m, v`, accumulates `sum((u + wd_dir*p)^2)` and `sum(p^2)`.
+#[inline(always)]
 pub(crate) fn moments<T: Real, G: GradElem<T>>(
     k: &AdamCoeffs<T>,
     prep: &GradPrep<T>,
@@ -157,6 +159,7 @@ pub(crate) fn moments<T: Real, G: GradElem<T>>(
 }
 
 /// Pass B of the two-pass variants: reads `p, m, v`, writes `p`.
+#[inline(always)]
 pub(crate) fn apply<T: Real>(k: &AdamCoeffs<T>, p: &mut [T], m: &[T], v: &[T]) -> Sums {
     let mut sums = Sums::default();
     let mut delta = [T::zero(); BLOCK];

@@ -47,6 +47,7 @@ impl<T: Real> LarsCoeffs<T> {
 }
 
 /// Reads `p, g, b`, writes `p, b`.
+#[inline(always)]
 pub(crate) fn step<T: Real, G: GradElem<T>>(
     k: &LarsCoeffs<T>,
     prep: &GradPrep<T>,

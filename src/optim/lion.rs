@@ -45,6 +45,7 @@ fn sign<T: Real>(x: T) -> T {
 }
 
 /// Reads `p, g, m`, writes `p, m`.
+#[inline(always)]
 pub(crate) fn step<T: Real, G: GradElem<T>>(
     k: &LionCoeffs<T>,
     prep: &GradPrep<T>,

@@ -38,6 +38,7 @@ impl<T: Real> SgdCoeffs<T> {
 }
 
 /// SGD with a momentum buffer: reads `p, g, b`, writes `p, b`.
+#[inline(always)]
 pub(crate) fn step<T: Real, G: GradElem<T>>(
     k: &SgdCoeffs<T>,
     prep: &GradPrep<T>,
@@ -63,6 +64,7 @@ pub(crate) fn step<T: Real, G: GradElem<T>>(
 }
 
 /// SGD without momentum: reads `p, g`, writes `p`.
+#[inline(always)]
 pub(crate) fn step_plain<T: Real, G: GradElem<T>>(
     k: &SgdCoeffs<T>,
     prep: &GradPrep<T>,
