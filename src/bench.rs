@@ -122,7 +122,10 @@ fn time_alternating(
         floor();
     }
     let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1e3;
-    let (mut steps, mut floors) = (Vec::with_capacity(opts.steps), Vec::with_capacity(opts.steps));
+    let (mut steps, mut floors) = (
+        Vec::with_capacity(opts.steps),
+        Vec::with_capacity(opts.steps),
+    );
     for _ in 0..opts.steps {
         let t0 = Instant::now();
         step()?;
@@ -142,32 +145,39 @@ fn floor_step(p: &mut [Vec<f32>], g: &[Vec<f32>], state: &mut [Vec<Vec<f32>>]) {
         let mut slots = st.iter_mut();
         let s0 = slots.next();
         let s1 = slots.next();
-        let mut s0 = s0.map(|v| v.chunks_mut(CHUNK).collect::<Vec<_>>()).unwrap_or_default().into_iter();
-        let mut s1 = s1.map(|v| v.chunks_mut(CHUNK).collect::<Vec<_>>()).unwrap_or_default().into_iter();
+        let mut s0 = s0
+            .map(|v| v.chunks_mut(CHUNK).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter();
+        let mut s1 = s1
+            .map(|v| v.chunks_mut(CHUNK).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter();
         for (pc, gc) in p.chunks_mut(CHUNK).zip(g.chunks(CHUNK)) {
             work.push((pc, gc, s0.next(), s1.next()));
         }
     }
-    work.into_par_iter().for_each(|(p, g, s0, s1)| match (s0, s1) {
-        (Some(a), Some(b)) => {
-            for (((p, g), a), b) in p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut()) {
-                *a = 0.5 * *a + *g;
-                *b = 0.5 * *b + *g;
-                *p -= 1e-6 * (*a + *b);
+    work.into_par_iter()
+        .for_each(|(p, g, s0, s1)| match (s0, s1) {
+            (Some(a), Some(b)) => {
+                for (((p, g), a), b) in p.iter_mut().zip(g).zip(a.iter_mut()).zip(b.iter_mut()) {
+                    *a = 0.5 * *a + *g;
+                    *b = 0.5 * *b + *g;
+                    *p -= 1e-6 * (*a + *b);
+                }
             }
-        }
-        (Some(a), None) => {
-            for ((p, g), a) in p.iter_mut().zip(g).zip(a.iter_mut()) {
-                *a = 0.5 * *a + *g;
-                *p -= 1e-6 * *a;
+            (Some(a), None) => {
+                for ((p, g), a) in p.iter_mut().zip(g).zip(a.iter_mut()) {
+                    *a = 0.5 * *a + *g;
+                    *p -= 1e-6 * *a;
+                }
             }
-        }
-        _ => {
-            for (p, g) in p.iter_mut().zip(g) {
-                *p -= 1e-6 * *g;
+            _ => {
+                for (p, g) in p.iter_mut().zip(g) {
+                    *p -= 1e-6 * *g;
+                }
             }
-        }
-    });
+        });
 }
 
 /// Times the optimizer step and the floor loop on the same sizes.
@@ -175,7 +185,10 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     if opts.params == 0 || opts.tensors == 0 || opts.tensors > opts.params {
         return Err(KeelError::config(
             "bench",
-            format!("need 0 < tensors <= params, got {} tensors, {} params", opts.tensors, opts.params),
+            format!(
+                "need 0 < tensors <= params, got {} tensors, {} params",
+                opts.tensors, opts.params
+            ),
         ));
     }
     if opts.steps == 0 {
@@ -183,15 +196,29 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     }
     opts.config.validate()?;
     let sizes = sizes(opts.params, opts.tensors);
-    let specs: Vec<ParamSpec> = sizes.iter().enumerate().map(|(i, &n)| ParamSpec::new(format!("t{i}"), [n])).collect();
-    let mut params: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| fill(n, 2 * i as u64 + 1, 1.0)).collect();
-    let grads: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, &n)| fill(n, 2 * i as u64 + 2, 0.01)).collect();
+    let specs: Vec<ParamSpec> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| ParamSpec::new(format!("t{i}"), [n]))
+        .collect();
+    let mut params: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| fill(n, 2 * i as u64 + 1, 1.0))
+        .collect();
+    let grads: Vec<Vec<f32>> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| fill(n, 2 * i as u64 + 2, 0.01))
+        .collect();
 
     // The step and the floor loop alternate, so that drifts in machine load
     // hit both alike and their ratio stays meaningful on a noisy machine.
     let slots = state_slots(&opts.config.kind).len();
-    let mut floor_state: Vec<Vec<Vec<f32>>> =
-        sizes.iter().map(|&n| (0..slots).map(|_| vec![0.0f32; n]).collect()).collect();
+    let mut floor_state: Vec<Vec<Vec<f32>>> = sizes
+        .iter()
+        .map(|&n| (0..slots).map(|_| vec![0.0f32; n]).collect())
+        .collect();
     let mut floor_params = params.clone();
     let mut floor = || floor_step(&mut floor_params, &grads, &mut floor_state);
     let (times, floor_times) = match opts.dtype {
@@ -204,11 +231,23 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
             })?
         }
         BenchDtype::Bf16 => {
-            let mut pb: Vec<Vec<bf16>> = params.iter().map(|p| p.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
-            let gb: Vec<Vec<bf16>> = grads.iter().map(|g| g.iter().map(|&x| bf16::from_f32(x)).collect()).collect();
+            let mut pb: Vec<Vec<bf16>> = params
+                .iter()
+                .map(|p| p.iter().map(|&x| bf16::from_f32(x)).collect())
+                .collect();
+            let gb: Vec<Vec<bf16>> = grads
+                .iter()
+                .map(|g| g.iter().map(|&x| bf16::from_f32(x)).collect())
+                .collect();
             let init: Vec<&[bf16]> = pb.iter().map(|p| &p[..]).collect();
             let groups = vec![ParamGroup::all(&specs)];
-            let mut opt = MixedPrecisionOptimizer::new(opts.config.clone(), specs, groups, &init, Rounding::Nearest)?;
+            let mut opt = MixedPrecisionOptimizer::new(
+                opts.config.clone(),
+                specs,
+                groups,
+                &init,
+                Rounding::Nearest,
+            )?;
             let g: Vec<&[bf16]> = gb.iter().map(|g| &g[..]).collect();
             time_alternating(opts, &mut floor, || {
                 let mut p: Vec<&mut [bf16]> = pb.iter_mut().map(|p| &mut p[..]).collect();

@@ -165,19 +165,35 @@ pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
     let json = |what: &str, v: serde_json::Result<String>| {
         v.map_err(|e| KeelError::State(format!("cannot serialize {what}: {e}")))
     };
-    let mut named: Vec<(String, Vec<u8>)> =
-        state.tensors.iter().map(|t| (t.name.clone(), t.data.to_le_bytes())).collect();
+    let mut named: Vec<(String, Vec<u8>)> = state
+        .tensors
+        .iter()
+        .map(|t| (t.name.clone(), t.data.to_le_bytes()))
+        .collect();
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
-    meta.insert("config".to_string(), json("config", serde_json::to_string(&state.config))?);
+    meta.insert(
+        "config".to_string(),
+        json("config", serde_json::to_string(&state.config))?,
+    );
     meta.insert("step".to_string(), state.step.to_string());
-    meta.insert("specs".to_string(), json("specs", serde_json::to_string(&state.specs))?);
-    meta.insert("groups".to_string(), json("groups", serde_json::to_string(&state.groups))?);
-    meta.insert("extra".to_string(), json("extra", serde_json::to_string(&state.extra))?);
+    meta.insert(
+        "specs".to_string(),
+        json("specs", serde_json::to_string(&state.specs))?,
+    );
+    meta.insert(
+        "groups".to_string(),
+        json("groups", serde_json::to_string(&state.groups))?,
+    );
+    meta.insert(
+        "extra".to_string(),
+        json("extra", serde_json::to_string(&state.extra))?,
+    );
     meta.insert("crc32".to_string(), format!("{:08x}", checksum(&named)));
-    let by_name: HashMap<&str, &StateTensor> = state.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    let by_name: HashMap<&str, &StateTensor> =
+        state.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut views = Vec::with_capacity(named.len());
     for (name, bytes) in &named {
         let t = by_name[name.as_str()];
@@ -189,25 +205,41 @@ pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
             .map_err(|e| KeelError::State(format!("tensor `{name}`: {e}")))?;
         views.push((name.clone(), view));
     }
-    safetensors::serialize(views, Some(meta)).map_err(|e| KeelError::State(format!("cannot serialize state: {e}")))
+    safetensors::serialize(views, Some(meta))
+        .map_err(|e| KeelError::State(format!("cannot serialize state: {e}")))
 }
 
 /// Parses safetensors bytes written by [`to_bytes`]; `path` is for messages.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
-    let (_, header) = SafeTensors::read_metadata(bytes)
-        .map_err(|e| err(path, format!("not a readable safetensors file (truncated or corrupted?): {e}")))?;
-    let st = SafeTensors::deserialize(bytes)
-        .map_err(|e| err(path, format!("not a readable safetensors file (truncated or corrupted?): {e}")))?;
+    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| {
+        err(
+            path,
+            format!("not a readable safetensors file (truncated or corrupted?): {e}"),
+        )
+    })?;
+    let st = SafeTensors::deserialize(bytes).map_err(|e| {
+        err(
+            path,
+            format!("not a readable safetensors file (truncated or corrupted?): {e}"),
+        )
+    })?;
     let meta = header
         .metadata()
         .as_ref()
         .ok_or_else(|| err(path, "no metadata: not a keel optimizer state file"))?;
     let get = |key: &str| {
-        meta.get(key)
-            .ok_or_else(|| err(path, format!("metadata has no `{key}`: not a keel optimizer state file")))
+        meta.get(key).ok_or_else(|| {
+            err(
+                path,
+                format!("metadata has no `{key}`: not a keel optimizer state file"),
+            )
+        })
     };
     if get("format")? != FORMAT {
-        return Err(err(path, format!("format is `{}`, expected `{FORMAT}`", get("format")?)));
+        return Err(err(
+            path,
+            format!("format is `{}`, expected `{FORMAT}`", get("format")?),
+        ));
     }
     let version: u32 = get("format_version")?
         .parse()
@@ -223,20 +255,24 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
     };
     let config: OptimizerConfig = serde_json::from_value(parse("config")?)
         .map_err(|e| err(path, format!("metadata `config`: {e}")))?;
-    let specs: Vec<ParamSpec> =
-        serde_json::from_value(parse("specs")?).map_err(|e| err(path, format!("metadata `specs`: {e}")))?;
-    let groups: Vec<ParamGroup> =
-        serde_json::from_value(parse("groups")?).map_err(|e| err(path, format!("metadata `groups`: {e}")))?;
-    let extra: BTreeMap<String, String> =
-        serde_json::from_value(parse("extra")?).map_err(|e| err(path, format!("metadata `extra`: {e}")))?;
-    let step: u64 = get("step")?.parse().map_err(|_| err(path, "metadata `step` is not a number"))?;
+    let specs: Vec<ParamSpec> = serde_json::from_value(parse("specs")?)
+        .map_err(|e| err(path, format!("metadata `specs`: {e}")))?;
+    let groups: Vec<ParamGroup> = serde_json::from_value(parse("groups")?)
+        .map_err(|e| err(path, format!("metadata `groups`: {e}")))?;
+    let extra: BTreeMap<String, String> = serde_json::from_value(parse("extra")?)
+        .map_err(|e| err(path, format!("metadata `extra`: {e}")))?;
+    let step: u64 = get("step")?
+        .parse()
+        .map_err(|_| err(path, "metadata `step` is not a number"))?;
 
     let mut named: Vec<(String, Vec<u8>)> = Vec::new();
     let mut tensors = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
     for name in names {
-        let view = st.tensor(&name).map_err(|e| err(path, format!("tensor `{name}`: {e}")))?;
+        let view = st
+            .tensor(&name)
+            .map_err(|e| err(path, format!("tensor `{name}`: {e}")))?;
         let bytes = view.data();
         let data = match view.dtype() {
             Dtype::F32 => StateData::F32(
@@ -251,7 +287,12 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
                     .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
                     .collect(),
             ),
-            other => return Err(err(path, format!("tensor `{name}` has unsupported dtype {other:?}"))),
+            other => {
+                return Err(err(
+                    path,
+                    format!("tensor `{name}` has unsupported dtype {other:?}"),
+                ))
+            }
         };
         named.push((name.clone(), bytes.to_vec()));
         tensors.push(StateTensor {
@@ -263,7 +304,10 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
     let want = get("crc32")?;
     let got = format!("{:08x}", checksum(&named));
     if *want != got {
-        return Err(err(path, format!("checksum mismatch (stored {want}, computed {got}): the file is corrupted")));
+        return Err(err(
+            path,
+            format!("checksum mismatch (stored {want}, computed {got}): the file is corrupted"),
+        ));
     }
     Ok(StateDict {
         config,

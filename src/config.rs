@@ -382,28 +382,40 @@ fn check_lr(kind: &str, lr: f64) -> Result<()> {
 
 fn unit_interval(field: &str, x: f64) -> Result<()> {
     if !(0.0..1.0).contains(&x) {
-        return Err(KeelError::config(field, format!("must be in [0, 1), got {x}")));
+        return Err(KeelError::config(
+            field,
+            format!("must be in [0, 1), got {x}"),
+        ));
     }
     Ok(())
 }
 
 fn closed_unit(field: &str, x: f64) -> Result<()> {
     if !(0.0..=1.0).contains(&x) {
-        return Err(KeelError::config(field, format!("must be in [0, 1], got {x}")));
+        return Err(KeelError::config(
+            field,
+            format!("must be in [0, 1], got {x}"),
+        ));
     }
     Ok(())
 }
 
 fn non_negative(field: &str, x: f64) -> Result<()> {
     if !x.is_finite() || x < 0.0 {
-        return Err(KeelError::config(field, format!("must be finite and >= 0, got {x}")));
+        return Err(KeelError::config(
+            field,
+            format!("must be finite and >= 0, got {x}"),
+        ));
     }
     Ok(())
 }
 
 fn positive(field: &str, x: f64) -> Result<()> {
     if !x.is_finite() || x <= 0.0 {
-        return Err(KeelError::config(field, format!("must be finite and > 0, got {x}")));
+        return Err(KeelError::config(
+            field,
+            format!("must be finite and > 0, got {x}"),
+        ));
     }
     Ok(())
 }
@@ -422,10 +434,9 @@ impl<'de> Deserialize<'de> for OptimizerConfig {
         let number = |i: usize| -> std::result::Result<Option<f64>, D::Error> {
             match &shared[i] {
                 None | Some(serde_json::Value::Null) => Ok(None),
-                Some(v) => v
-                    .as_f64()
-                    .map(Some)
-                    .ok_or_else(|| D::Error::custom(format!("`{}` must be a number", SHARED_KEYS[i]))),
+                Some(v) => v.as_f64().map(Some).ok_or_else(|| {
+                    D::Error::custom(format!("`{}` must be a number", SHARED_KEYS[i]))
+                }),
             }
         };
         let clip_global_norm = number(0)?;

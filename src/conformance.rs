@@ -133,19 +133,25 @@ pub fn load_case(path: &Path) -> Result<Case> {
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    let case: Case = serde_json::from_str(&text).map_err(|e| err(format!("not a conformance case: {e}")))?;
+    let case: Case =
+        serde_json::from_str(&text).map_err(|e| err(format!("not a conformance case: {e}")))?;
     if case.schema != SCHEMA {
         return Err(err(format!("schema `{}` is not `{SCHEMA}`", case.schema)));
     }
     let n = case.params.len();
     for p in &case.params {
         if p.init.len() != p.shape.iter().product::<usize>() {
-            return Err(err(format!("param `{}`: init length does not match shape {:?}", p.name, p.shape)));
+            return Err(err(format!(
+                "param `{}`: init length does not match shape {:?}",
+                p.name, p.shape
+            )));
         }
     }
     for (k, s) in case.steps.iter().enumerate() {
         if s.grads.len() != n || s.params_after.len() != n {
-            return Err(err(format!("step {k}: expected {n} grads and params_after")));
+            return Err(err(format!(
+                "step {k}: expected {n} grads and params_after"
+            )));
         }
     }
     Ok(case)
@@ -181,7 +187,12 @@ pub fn case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// `||a - b|| / ||b||` (or `||a - b||` when `b` is zero).
 pub fn relative_error(ours: &[f64], expected: &[f64]) -> f64 {
-    let diff: f64 = ours.iter().zip(expected).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+    let diff: f64 = ours
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum::<f64>()
+        .sqrt();
     let norm: f64 = expected.iter().map(|b| b * b).sum::<f64>().sqrt();
     if norm == 0.0 {
         diff
@@ -192,7 +203,11 @@ pub fn relative_error(ours: &[f64], expected: &[f64]) -> f64 {
 
 /// Replays a case in `T`; returns the worst relative error.
 fn replay<T: Real>(case: &Case, config: OptimizerConfig) -> Result<f64> {
-    let specs: Vec<ParamSpec> = case.params.iter().map(|p| ParamSpec::new(&p.name, &p.shape)).collect();
+    let specs: Vec<ParamSpec> = case
+        .params
+        .iter()
+        .map(|p| ParamSpec::new(&p.name, &p.shape))
+        .collect();
     let mut opt = CpuOptimizer::<T>::new(config, specs)?;
     let mut params: Vec<Vec<T>> = case
         .params
@@ -210,7 +225,9 @@ fn replay<T: Real>(case: &Case, config: OptimizerConfig) -> Result<f64> {
         let mut param_refs: Vec<&mut [T]> = params.iter_mut().map(|p| &mut p[..]).collect();
         let stats = opt.step(&mut param_refs, &grad_refs)?;
         if let Some(reason) = stats.skipped {
-            return Err(KeelError::State(format!("step {k} was skipped: {reason:?}")));
+            return Err(KeelError::State(format!(
+                "step {k} was skipped: {reason:?}"
+            )));
         }
         for (p, want) in params.iter().zip(&step.params_after) {
             let ours: Vec<f64> = p.iter().map(|x| x.to_f64x()).collect();
@@ -280,7 +297,10 @@ pub fn run_paths(paths: &[PathBuf]) -> Result<Vec<CaseResult>> {
                 }
             }
             Err(e) => {
-                let id = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                let id = file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
                 for backend in Backend::available() {
                     results.push(CaseResult {
                         file: file.clone(),

@@ -49,7 +49,10 @@ fn yes() -> bool {
 
 impl ParamGroup {
     /// A group with default options (lr scale 1, weight decay and trust ratio on).
-    pub fn new<S: Into<String>>(name: impl Into<String>, params: impl IntoIterator<Item = S>) -> Self {
+    pub fn new<S: Into<String>>(
+        name: impl Into<String>,
+        params: impl IntoIterator<Item = S>,
+    ) -> Self {
         ParamGroup {
             name: name.into(),
             params: params.into_iter().map(Into::into).collect(),
@@ -119,13 +122,16 @@ pub(crate) fn assign_groups(specs: &[ParamSpec], groups: &[ParamGroup]) -> Resul
             return Err(KeelError::config(field, "duplicate group name"));
         }
         for name in &g.params {
-            let i = *index.get(name.as_str()).ok_or_else(|| {
-                KeelError::config(&field, format!("unknown parameter `{name}`"))
-            })?;
+            let i = *index
+                .get(name.as_str())
+                .ok_or_else(|| KeelError::config(&field, format!("unknown parameter `{name}`")))?;
             if group_of[i] != usize::MAX {
                 return Err(KeelError::config(
                     &field,
-                    format!("parameter `{name}` is already in group `{}`", groups[group_of[i]].name),
+                    format!(
+                        "parameter `{name}` is already in group `{}`",
+                        groups[group_of[i]].name
+                    ),
                 ));
             }
             group_of[i] = gi;

@@ -10,7 +10,11 @@ use keel::conformance;
 use keel::{KeelError, OptimizerConfig};
 
 #[derive(Parser)]
-#[command(name = "keel", version, about = "Spike-resistant optimizers for LLM training")]
+#[command(
+    name = "keel",
+    version,
+    about = "Spike-resistant optimizers for LLM training"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -91,8 +95,14 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             let config = match config {
                 Some(text) => OptimizerConfig::from_json(&text)?,
                 None => {
-                    let extra = if optimizer == "sgd" { r#", "momentum": 0.9"# } else { "" };
-                    OptimizerConfig::from_json(&format!(r#"{{"kind": "{optimizer}", "lr": 0.001{extra}}}"#))?
+                    let extra = if optimizer == "sgd" {
+                        r#", "momentum": 0.9"#
+                    } else {
+                        ""
+                    };
+                    OptimizerConfig::from_json(&format!(
+                        r#"{{"kind": "{optimizer}", "lr": 0.001{extra}}}"#
+                    ))?
                 }
             };
             if let Some(t) = threads {
@@ -114,13 +124,19 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             };
             let r = bench::run(&opts)?;
             if json {
-                println!("{}", serde_json::to_string(&r).map_err(|e| KeelError::State(e.to_string()))?);
+                println!(
+                    "{}",
+                    serde_json::to_string(&r).map_err(|e| KeelError::State(e.to_string()))?
+                );
             } else {
                 println!(
                     "{} {:?}: {} params in {} tensor(s), {} threads, median of {} steps",
                     r.optimizer, r.dtype, r.params, r.tensors, r.threads, r.steps
                 );
-                println!("  step   {:9.3} ms  (min {:.3} ms)", r.ms_per_step, r.min_ms);
+                println!(
+                    "  step   {:9.3} ms  (min {:.3} ms)",
+                    r.ms_per_step, r.min_ms
+                );
                 println!(
                     "  bytes  {} B/param moved ({} B/param minimum)  {:.1} GB/s",
                     r.bytes_per_param, r.min_bytes_per_param, r.gb_per_s
@@ -147,7 +163,11 @@ fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {
         "case", "backend", "kind", "steps", "worst rel", "tolerance"
     );
     for r in &results {
-        let verdict = if r.passed { "PASS".to_string() } else { format!("FAIL  {}", r.reason) };
+        let verdict = if r.passed {
+            "PASS".to_string()
+        } else {
+            format!("FAIL  {}", r.reason)
+        };
         println!(
             "{:<id_w$}  {:<7}  {:<6}  {:>5}  {:>11.3e}  {:>9.0e}  {verdict}",
             r.id, r.backend, r.kind, r.steps, r.worst_rel_err, r.tolerance
@@ -155,5 +175,9 @@ fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {
     }
     let failed = results.iter().filter(|r| !r.passed).count();
     println!("{} passed, {} failed", results.len() - failed, failed);
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

@@ -68,7 +68,8 @@ impl Schedule {
                 }
                 let span = total_steps.saturating_sub(warmup_steps).max(1) as f64;
                 let progress = ((step - warmup_steps) as f64 / span).min(1.0);
-                final_lr + (peak_lr - final_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+                final_lr
+                    + (peak_lr - final_lr) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
             }
             Schedule::Wsd {
                 peak_lr,
@@ -84,7 +85,8 @@ impl Schedule {
                 if into_decay < stable_steps {
                     return peak_lr;
                 }
-                let progress = ((into_decay - stable_steps + 1) as f64 / decay_steps.max(1) as f64).min(1.0);
+                let progress =
+                    ((into_decay - stable_steps + 1) as f64 / decay_steps.max(1) as f64).min(1.0);
                 peak_lr + (final_lr - peak_lr) * progress
             }
         }
@@ -120,7 +122,9 @@ impl Schedule {
                 }
                 Ok(())
             }
-            Schedule::Wsd { peak_lr, final_lr, .. } => {
+            Schedule::Wsd {
+                peak_lr, final_lr, ..
+            } => {
                 rate("peak_lr", peak_lr)?;
                 rate("final_lr", final_lr)
             }

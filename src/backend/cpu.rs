@@ -72,7 +72,11 @@ impl<T: Real> CpuOptimizer<T> {
 
     /// An optimizer over `specs` in parameter groups; every parameter must be
     /// in exactly one group.
-    pub fn with_groups(config: OptimizerConfig, specs: Vec<ParamSpec>, groups: Vec<ParamGroup>) -> Result<Self> {
+    pub fn with_groups(
+        config: OptimizerConfig,
+        specs: Vec<ParamSpec>,
+        groups: Vec<ParamGroup>,
+    ) -> Result<Self> {
         config.validate()?;
         let group_of = assign_groups(&specs, &groups)?;
         let slots = state_slots(&config.kind).len();
@@ -92,7 +96,11 @@ impl<T: Real> CpuOptimizer<T> {
 
     /// Rebuilds an optimizer from a state dict (e.g. a loaded checkpoint).
     pub fn from_state_dict(state: &StateDict) -> Result<Self> {
-        let mut opt = Self::with_groups(state.config.clone(), state.specs.clone(), state.groups.clone())?;
+        let mut opt = Self::with_groups(
+            state.config.clone(),
+            state.specs.clone(),
+            state.groups.clone(),
+        )?;
         opt.load_state_dict(state)?;
         Ok(opt)
     }
@@ -104,7 +112,9 @@ impl<T: Real> CpuOptimizer<T> {
 
     /// A state buffer of parameter `tensor` by slot name (e.g. `exp_avg`).
     pub fn state_buffer(&self, tensor: usize, slot: &str) -> Option<&[T]> {
-        let i = state_slots(&self.config.kind).iter().position(|s| *s == slot)?;
+        let i = state_slots(&self.config.kind)
+            .iter()
+            .position(|s| *s == slot)?;
         self.state.get(tensor).map(|s| &s[i][..])
     }
 
@@ -222,7 +232,9 @@ impl<T: Real> CpuOptimizer<T> {
         let wd = kind.weight_decay();
         let group = |i: usize| &self.groups[self.group_of[i]];
         let lr_of: Vec<f64> = (0..n).map(|i| lr * group(i).lr_scale).collect();
-        let wd_of: Vec<f64> = (0..n).map(|i| if group(i).weight_decay { wd } else { 0.0 }).collect();
+        let wd_of: Vec<f64> = (0..n)
+            .map(|i| if group(i).weight_decay { wd } else { 0.0 })
+            .collect();
         let trust_on: Vec<bool> = (0..n).map(|i| group(i).trust_ratio).collect();
         let mut trust = vec![None; n];
         let mut uclip = vec![None; n];
@@ -233,12 +245,26 @@ impl<T: Real> CpuOptimizer<T> {
         let sums = match &kind {
             OptimizerKind::Sgd(c) => {
                 let k: Vec<sgd::SgdCoeffs<T>> = (0..n)
-                    .map(|i| sgd::SgdCoeffs::new(lr_of[i], wd_of[i], c.momentum, c.dampening, c.nesterov, t == 1))
+                    .map(|i| {
+                        sgd::SgdCoeffs::new(
+                            lr_of[i],
+                            wd_of[i],
+                            c.momentum,
+                            c.dampening,
+                            c.nesterov,
+                            t == 1,
+                        )
+                    })
                     .collect();
                 if c.momentum == 0.0 {
                     apply_pass(&mut chunks, n, (step, rounding), &SgdPlain { k: &k, prep })
                 } else {
-                    apply_pass(&mut chunks, n, (step, rounding), &SgdMomentum { k: &k, prep })
+                    apply_pass(
+                        &mut chunks,
+                        n,
+                        (step, rounding),
+                        &SgdMomentum { k: &k, prep },
+                    )
                 }
             }
             OptimizerKind::Adam(c) => {
@@ -266,7 +292,11 @@ impl<T: Real> CpuOptimizer<T> {
                     Some(max_rms) => {
                         let dir = moment_pass(&mut chunks, n, &AdamMoments { k: &k, prep });
                         for i in 0..n {
-                            let f = update_clip_factor(dir[i].direction_sq, self.specs[i].numel(), max_rms);
+                            let f = update_clip_factor(
+                                dir[i].direction_sq,
+                                self.specs[i].numel(),
+                                max_rms,
+                            );
                             uclip[i] = Some(f);
                             k[i].lr = T::from_f64x(lr_of[i] * f);
                         }
@@ -285,7 +315,12 @@ impl<T: Real> CpuOptimizer<T> {
                 let dir = moment_pass(&mut chunks, n, &AdamMomentsWithParams { k: &k, prep });
                 for i in 0..n {
                     let r = if trust_on[i] {
-                        let r = trust_ratio(dir[i].param_sq.sqrt(), dir[i].direction_sq.sqrt(), 1.0, 0.0);
+                        let r = trust_ratio(
+                            dir[i].param_sq.sqrt(),
+                            dir[i].direction_sq.sqrt(),
+                            1.0,
+                            0.0,
+                        );
                         trust[i] = Some(r);
                         r
                     } else {
@@ -300,7 +335,12 @@ impl<T: Real> CpuOptimizer<T> {
                     .map(|i| {
                         let r = if trust_on[i] {
                             let u = lars::direction_norm(&scan[i].sums, s, wd_of[i]);
-                            let r = trust_ratio(scan[i].sums.param_sq.sqrt(), u, c.trust_coefficient, c.eps);
+                            let r = trust_ratio(
+                                scan[i].sums.param_sq.sqrt(),
+                                u,
+                                c.trust_coefficient,
+                                c.eps,
+                            );
                             trust[i] = Some(r);
                             r
                         } else {
@@ -404,20 +444,20 @@ impl<T: Real, G: GradElem<T>> SimdTask for ScanChunk<'_, T, G> {
     #[inline(always)]
     fn run(self) -> Scan {
         let mut s = Scan::default();
+        let mut buf = [T::zero(); BLOCK];
         let part = self.g.len() / SCAN_STREAMS / BLOCK * BLOCK;
-        if part == 0 {
-            self.block(self.g, self.p, &mut s);
-            return s;
-        }
         for b in (0..part).step_by(BLOCK) {
             for j in 0..SCAN_STREAMS {
                 let r = j * part + b..j * part + b + BLOCK;
-                self.block(&self.g[r.clone()], &self.p[r], &mut s);
+                self.block(&self.g[r.clone()], &self.p[r], &mut buf, &mut s);
             }
         }
         let rest = SCAN_STREAMS * part;
-        for (g, p) in self.g[rest..].chunks(BLOCK).zip(self.p[rest..].chunks(BLOCK)) {
-            self.block(g, p, &mut s);
+        for (g, p) in self.g[rest..]
+            .chunks(BLOCK)
+            .zip(self.p[rest..].chunks(BLOCK))
+        {
+            self.block(g, p, &mut buf, &mut s);
         }
         s
     }
@@ -425,8 +465,7 @@ impl<T: Real, G: GradElem<T>> SimdTask for ScanChunk<'_, T, G> {
 
 impl<T: Real, G: GradElem<T>> ScanChunk<'_, T, G> {
     #[inline(always)]
-    fn block(&self, g: &[G], p: &[T], s: &mut Scan) {
-        let mut buf = [T::zero(); BLOCK];
+    fn block(&self, g: &[G], p: &[T], buf: &mut [T; BLOCK], s: &mut Scan) {
         let raw = match G::as_native(g) {
             Some(native) => native,
             None => {
@@ -472,7 +511,10 @@ struct Scan {
 
 /// The norm of a finite gradient whose sum of squares overflowed f64.
 fn overflow_safe_norm<T: Real, G: GradElem<T>>(g: &[G], prep: &GradPrep<T>) -> f64 {
-    let max = g.iter().map(|x| prep.clamp(x.get()).to_f64x().abs()).fold(0.0, f64::max);
+    let max = g
+        .iter()
+        .map(|x| prep.clamp(x.get()).to_f64x().abs())
+        .fold(0.0, f64::max);
     let sq: f64 = g
         .iter()
         .map(|x| {
@@ -502,7 +544,12 @@ fn make_chunks<'a, T: Real, G>(
         None => (0..params.len()).map(|_| None).collect(),
     };
     let mut chunks = Vec::new();
-    for (i, ((p, g), st)) in params.iter_mut().zip(grads).zip(state.iter_mut()).enumerate() {
+    for (i, ((p, g), st)) in params
+        .iter_mut()
+        .zip(grads)
+        .zip(state.iter_mut())
+        .enumerate()
+    {
         let len = p.len();
         let mut slots = st.iter_mut();
         let mut s0 = slot_chunks(slots.next(), len);
@@ -565,21 +612,30 @@ use lars::LarsCoeffs;
 use lion::LionCoeffs;
 use sgd::SgdCoeffs;
 
-chunk_kernel!(SgdPlain, SgdCoeffs, |k, prep, c| sgd::step_plain(k, prep, c.p, c.g));
-chunk_kernel!(SgdMomentum, SgdCoeffs, |k, prep, c| sgd::step(k, prep, c.p, c.g, c.s0));
-chunk_kernel!(AdamStep, AdamCoeffs, |k, prep, c| adam::step(k, prep, c.p, c.g, c.s0, c.s1));
-chunk_kernel!(AdamMoments, AdamCoeffs, |k, prep, c| adam::moments(k, prep, None, c.g, c.s0, c.s1));
-chunk_kernel!(AdamMomentsWithParams, AdamCoeffs, |k, prep, c| adam::moments(
-    k,
-    prep,
-    Some(&*c.p),
-    c.g,
-    c.s0,
-    c.s1
+chunk_kernel!(SgdPlain, SgdCoeffs, |k, prep, c| sgd::step_plain(
+    k, prep, c.p, c.g
 ));
-chunk_kernel!(AdamApply, AdamCoeffs, |k, _prep, c| adam::apply(k, c.p, c.s0, c.s1));
-chunk_kernel!(LarsStep, LarsCoeffs, |k, prep, c| lars::step(k, prep, c.p, c.g, c.s0));
-chunk_kernel!(LionStep, LionCoeffs, |k, prep, c| lion::step(k, prep, c.p, c.g, c.s0));
+chunk_kernel!(SgdMomentum, SgdCoeffs, |k, prep, c| sgd::step(
+    k, prep, c.p, c.g, c.s0
+));
+chunk_kernel!(AdamStep, AdamCoeffs, |k, prep, c| adam::step(
+    k, prep, c.p, c.g, c.s0, c.s1
+));
+chunk_kernel!(AdamMoments, AdamCoeffs, |k, prep, c| adam::moments(
+    k, prep, None, c.g, c.s0, c.s1
+));
+chunk_kernel!(AdamMomentsWithParams, AdamCoeffs, |k, prep, c| {
+    adam::moments(k, prep, Some(&*c.p), c.g, c.s0, c.s1)
+});
+chunk_kernel!(AdamApply, AdamCoeffs, |k, _prep, c| adam::apply(
+    k, c.p, c.s0, c.s1
+));
+chunk_kernel!(LarsStep, LarsCoeffs, |k, prep, c| lars::step(
+    k, prep, c.p, c.g, c.s0
+));
+chunk_kernel!(LionStep, LionCoeffs, |k, prep, c| lion::step(
+    k, prep, c.p, c.g, c.s0
+));
 
 /// One kernel on one chunk, as a [`SimdTask`].
 struct KernelCall<'k, 'c, 'a, K, T, G> {
@@ -607,7 +663,10 @@ fn apply_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(
     let partial = chunks
         .par_iter_mut()
         .map(|chunk| {
-            let sums = run_simd(KernelCall { kernel, chunk: &mut *chunk });
+            let sums = run_simd(KernelCall {
+                kernel,
+                chunk: &mut *chunk,
+            });
             if let (Some(out), Some(rounding)) = (chunk.out.as_deref_mut(), rounding) {
                 rounding.write(out, chunk.p, step, chunk.tensor, chunk.offset);
             }
@@ -618,7 +677,11 @@ fn apply_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(
 }
 
 /// Runs pass A of a two-pass optimizer (writes state only).
-fn moment_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(chunks: &mut [Chunk<'_, T, G>], n: usize, kernel: &K) -> Vec<Sums> {
+fn moment_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(
+    chunks: &mut [Chunk<'_, T, G>],
+    n: usize,
+    kernel: &K,
+) -> Vec<Sums> {
     let partial = chunks
         .par_iter_mut()
         .map(|chunk| (chunk.tensor, run_simd(KernelCall { kernel, chunk })))

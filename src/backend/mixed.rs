@@ -61,7 +61,14 @@ pub(crate) fn stochastic_bf16(x: f32, noise: u64) -> bf16 {
 
 impl Rounding {
     /// Writes `src` rounded to bf16 into `out` (element `offset` of `tensor`).
-    pub(crate) fn write<T: Real>(&self, out: &mut [bf16], src: &[T], step: u64, tensor: usize, offset: usize) {
+    pub(crate) fn write<T: Real>(
+        &self,
+        out: &mut [bf16],
+        src: &[T],
+        step: u64,
+        tensor: usize,
+        offset: usize,
+    ) {
         match *self {
             Rounding::Nearest => {
                 for (o, x) in out.iter_mut().zip(src) {
@@ -114,7 +121,11 @@ impl MixedPrecisionOptimizer {
         if initial.len() != inner.specs().len() {
             return Err(KeelError::shape(
                 "initial",
-                format!("expected {} buffers, got {}", inner.specs().len(), initial.len()),
+                format!(
+                    "expected {} buffers, got {}",
+                    inner.specs().len(),
+                    initial.len()
+                ),
             ));
         }
         let mut master = Vec::with_capacity(initial.len());
@@ -122,12 +133,21 @@ impl MixedPrecisionOptimizer {
             if p.len() != spec.numel() {
                 return Err(KeelError::shape(
                     &spec.name,
-                    format!("shape {:?} needs {} elements, got {}", spec.shape, spec.numel(), p.len()),
+                    format!(
+                        "shape {:?} needs {} elements, got {}",
+                        spec.shape,
+                        spec.numel(),
+                        p.len()
+                    ),
                 ));
             }
             master.push(p.iter().map(|x| x.to_f32()).collect());
         }
-        Ok(MixedPrecisionOptimizer { inner, master, rounding })
+        Ok(MixedPrecisionOptimizer {
+            inner,
+            master,
+            rounding,
+        })
     }
 
     /// The f32 master weights of parameter `tensor`.
@@ -141,7 +161,11 @@ impl MixedPrecisionOptimizer {
     }
 
     /// A step with gradients of any supported element type (bf16 or f32).
-    pub fn step_with_grads<G: GradElem<f32>>(&mut self, params: &mut [&mut [bf16]], grads: &[&[G]]) -> Result<StepStats> {
+    pub fn step_with_grads<G: GradElem<f32>>(
+        &mut self,
+        params: &mut [&mut [bf16]],
+        grads: &[&[G]],
+    ) -> Result<StepStats> {
         let mut master: Vec<&mut [f32]> = self.master.iter_mut().map(|m| &mut m[..]).collect();
         let out = Bf16Out {
             params,
@@ -184,7 +208,8 @@ impl Optimizer for MixedPrecisionOptimizer {
                 data: StateData::from_slice(m),
             });
         }
-        let rounding = serde_json::to_string(&self.rounding).map_err(|e| KeelError::State(e.to_string()))?;
+        let rounding =
+            serde_json::to_string(&self.rounding).map_err(|e| KeelError::State(e.to_string()))?;
         sd.extra.insert("rounding".into(), rounding);
         Ok(sd)
     }
@@ -195,8 +220,14 @@ impl Optimizer for MixedPrecisionOptimizer {
             master.push(sd.tensor::<f32>(&format!("{}/master", spec.name), spec.numel())?);
         }
         let rounding = match sd.extra.get("rounding") {
-            Some(r) => serde_json::from_str(r).map_err(|e| KeelError::State(format!("rounding: {e}")))?,
-            None => return Err(KeelError::State("no master-weight rounding mode in state".into())),
+            Some(r) => {
+                serde_json::from_str(r).map_err(|e| KeelError::State(format!("rounding: {e}")))?
+            }
+            None => {
+                return Err(KeelError::State(
+                    "no master-weight rounding mode in state".into(),
+                ))
+            }
         };
         self.inner.load_state_dict(sd)?;
         self.master = master;

@@ -59,7 +59,11 @@ pub(crate) fn sum_sq<T: Real>(x: &[T]) -> f64 {
             acc[l] = acc[l] + c[l] * c[l];
         }
     }
-    let tail: f64 = it.remainder().iter().map(|v| v.to_f64x() * v.to_f64x()).sum();
+    let tail: f64 = it
+        .remainder()
+        .iter()
+        .map(|v| v.to_f64x() * v.to_f64x())
+        .sum();
     acc.iter().map(|a| a.to_f64x()).sum::<f64>() + tail
 }
 

@@ -163,7 +163,11 @@ pub(crate) fn moments<T: Real, G: GradElem<T>>(
 pub(crate) fn apply<T: Real>(k: &AdamCoeffs<T>, p: &mut [T], m: &[T], v: &[T]) -> Sums {
     let mut sums = Sums::default();
     let mut delta = [T::zero(); BLOCK];
-    for ((pb, mb), vb) in p.chunks_mut(BLOCK).zip(m.chunks(BLOCK)).zip(v.chunks(BLOCK)) {
+    for ((pb, mb), vb) in p
+        .chunks_mut(BLOCK)
+        .zip(m.chunks(BLOCK))
+        .zip(v.chunks(BLOCK))
+    {
         sums.param_sq += sum_sq(pb);
         let db = &mut delta[..pb.len()];
         for (((p, m), v), d) in pb.iter_mut().zip(mb).zip(vb).zip(db.iter_mut()) {

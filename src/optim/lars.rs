@@ -35,7 +35,11 @@ pub(crate) struct LarsCoeffs<T> {
 
 impl<T: Real> LarsCoeffs<T> {
     pub(crate) fn new(lr_trust: f64, wd: f64, momentum: f64, nesterov: bool) -> Self {
-        let (u_in_d, b_in_d) = if nesterov { (1.0, momentum) } else { (0.0, 1.0) };
+        let (u_in_d, b_in_d) = if nesterov {
+            (1.0, momentum)
+        } else {
+            (0.0, 1.0)
+        };
         LarsCoeffs {
             wd: T::from_f64x(wd),
             lr_trust: T::from_f64x(lr_trust),
@@ -57,7 +61,11 @@ pub(crate) fn step<T: Real, G: GradElem<T>>(
 ) -> Sums {
     let mut sums = Sums::default();
     let mut delta = [T::zero(); BLOCK];
-    for ((pb, gb), bb) in p.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(b.chunks_mut(BLOCK)) {
+    for ((pb, gb), bb) in p
+        .chunks_mut(BLOCK)
+        .zip(g.chunks(BLOCK))
+        .zip(b.chunks_mut(BLOCK))
+    {
         sums.param_sq += sum_sq(pb);
         let db = &mut delta[..pb.len()];
         for (((p, g), b), d) in pb.iter_mut().zip(gb).zip(bb.iter_mut()).zip(db.iter_mut()) {

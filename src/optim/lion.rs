@@ -55,7 +55,11 @@ pub(crate) fn step<T: Real, G: GradElem<T>>(
 ) -> Sums {
     let mut sums = Sums::default();
     let mut delta = [T::zero(); BLOCK];
-    for ((pb, gb), mb) in p.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(m.chunks_mut(BLOCK)) {
+    for ((pb, gb), mb) in p
+        .chunks_mut(BLOCK)
+        .zip(g.chunks(BLOCK))
+        .zip(m.chunks_mut(BLOCK))
+    {
         sums.param_sq += sum_sq(pb);
         let db = &mut delta[..pb.len()];
         for (((p, g), m), d) in pb.iter_mut().zip(gb).zip(mb.iter_mut()).zip(db.iter_mut()) {

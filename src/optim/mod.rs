@@ -54,7 +54,8 @@ pub trait Optimizer {
     /// Non-finite gradients skip the step (nothing is written) or return an
     /// error, per [`crate::NonFinitePolicy`]. Buffers whose count or lengths do
     /// not match [`Optimizer::specs`] are an error and nothing is written.
-    fn step(&mut self, params: &mut [&mut Self::Param], grads: &[&Self::Grad]) -> Result<StepStats>;
+    fn step(&mut self, params: &mut [&mut Self::Param], grads: &[&Self::Grad])
+        -> Result<StepStats>;
 
     /// A host copy of the whole optimizer state (config, step count, groups,
     /// moments), the same for every backend.

@@ -23,9 +23,24 @@ pub(crate) struct SgdCoeffs<T> {
 }
 
 impl<T: Real> SgdCoeffs<T> {
-    pub(crate) fn new(lr: f64, wd: f64, momentum: f64, dampening: f64, nesterov: bool, first: bool) -> Self {
-        let (keep, take) = if first { (0.0, 1.0) } else { (momentum, 1.0 - dampening) };
-        let (g_in_d, b_in_d) = if nesterov { (1.0, momentum) } else { (0.0, 1.0) };
+    pub(crate) fn new(
+        lr: f64,
+        wd: f64,
+        momentum: f64,
+        dampening: f64,
+        nesterov: bool,
+        first: bool,
+    ) -> Self {
+        let (keep, take) = if first {
+            (0.0, 1.0)
+        } else {
+            (momentum, 1.0 - dampening)
+        };
+        let (g_in_d, b_in_d) = if nesterov {
+            (1.0, momentum)
+        } else {
+            (0.0, 1.0)
+        };
         SgdCoeffs {
             lr: T::from_f64x(lr),
             wd: T::from_f64x(wd),
@@ -48,7 +63,11 @@ pub(crate) fn step<T: Real, G: GradElem<T>>(
 ) -> Sums {
     let mut sums = Sums::default();
     let mut delta = [T::zero(); BLOCK];
-    for ((pb, gb), bb) in p.chunks_mut(BLOCK).zip(g.chunks(BLOCK)).zip(b.chunks_mut(BLOCK)) {
+    for ((pb, gb), bb) in p
+        .chunks_mut(BLOCK)
+        .zip(g.chunks(BLOCK))
+        .zip(b.chunks_mut(BLOCK))
+    {
         sums.param_sq += sum_sq(pb);
         let db = &mut delta[..pb.len()];
         for (((p, g), b), d) in pb.iter_mut().zip(gb).zip(bb.iter_mut()).zip(db.iter_mut()) {

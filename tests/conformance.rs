@@ -1,0 +1,73 @@
+//! Every public reference case (torch, optax; float64) replayed in f64 and f32.
+
+use std::path::{Path, PathBuf};
+
+use keel::conformance::{self, Backend};
+
+fn case_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/conformance")
+}
+
+#[test]
+fn every_case_passes_in_f64_and_f32() {
+    let results = conformance::run_paths(&[case_dir()]).unwrap();
+    // 9 public cases of the six foundation kinds, two backends each.
+    assert_eq!(results.len(), 18);
+    let kinds: std::collections::BTreeSet<&str> = results.iter().map(|r| r.kind.as_str()).collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        ["adam", "adamw", "lamb", "lars", "lion", "sgd"]
+    );
+    for r in &results {
+        assert!(
+            r.passed,
+            "{} on {}: worst relative error {:e} > {:e} ({})",
+            r.id, r.backend, r.worst_rel_err, r.tolerance, r.reason
+        );
+        assert!(r.worst_rel_err.is_finite());
+        // f64 must be far tighter than its tolerance, f32 within its own.
+        if r.backend == Backend::CpuF64.name() {
+            assert!(r.worst_rel_err < 1e-12, "{}: {:e}", r.id, r.worst_rel_err);
+        }
+    }
+}
+
+#[test]
+fn a_perturbed_expectation_fails() {
+    // The checker must be able to fail: shift one expected value.
+    let path = case_dir().join("adamw_torch_public.json");
+    let mut case = conformance::load_case(&path).unwrap();
+    case.steps[2].params_after[1][0] += 1e-3;
+    let r = conformance::run_case(&path, &case, Backend::CpuF64);
+    assert!(!r.passed);
+    assert!(r.worst_rel_err > 1e-5);
+}
+
+#[test]
+fn unknown_kind_is_a_failed_row_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(case_dir().join("adamw_torch_public.json")).unwrap();
+    let text = text.replacen("\"kind\": \"adamw\"", "\"kind\": \"adamax\"", 1);
+    assert!(text.contains("adamax"));
+    std::fs::write(dir.path().join("adamax.json"), text).unwrap();
+    std::fs::write(dir.path().join("broken.json"), "{ not json").unwrap();
+    let results = conformance::run_paths(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(results.len(), 4);
+    for r in &results {
+        assert!(!r.passed);
+    }
+    let adamax = results.iter().find(|r| r.kind == "adamax").unwrap();
+    assert!(adamax.reason.contains("adamax"), "{}", adamax.reason);
+    let broken = results.iter().find(|r| r.id == "broken").unwrap();
+    assert!(
+        broken.reason.contains("not a conformance case"),
+        "{}",
+        broken.reason
+    );
+}
+
+#[test]
+fn missing_path_is_an_error() {
+    let err = conformance::run_paths(&[PathBuf::from("/no/such/case.json")]).unwrap_err();
+    assert!(err.to_string().contains("no such file"));
+}
