@@ -34,41 +34,74 @@ pub fn update_clip_factor(sum_sq: f64, numel: usize, max_rms: f64) -> f64 {
     max_rms / rms.max(max_rms)
 }
 
-/// The per-element gradient transform of one step: clamp to `[lo, hi]`
-/// (`clip_value`), then multiply by the global clip factor.
+/// The per-element gradient transform a fused kernel applies. Two types, so
+/// that the common case (no `clip_value`) compiles without the clamp.
+pub(crate) trait GradTransform<T>: Copy + Sync {
+    /// The gradient the optimizer uses.
+    fn apply(&self, g: T) -> T;
+}
+
+/// Multiply by the global clip factor.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct GradPrep<T> {
+pub(crate) struct Scale<T>(T);
+
+/// Clamp to `[lo, hi]` (`clip_value`), then multiply by the global clip factor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ClampScale<T> {
     lo: T,
     hi: T,
     scale: T,
 }
 
+impl<T: Real> GradTransform<T> for Scale<T> {
+    #[inline(always)]
+    fn apply(&self, g: T) -> T {
+        g * self.0
+    }
+}
+
+impl<T: Real> GradTransform<T> for ClampScale<T> {
+    #[inline(always)]
+    fn apply(&self, g: T) -> T {
+        g.max(self.lo).min(self.hi) * self.scale
+    }
+}
+
+/// The gradient transform of one step.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum GradPrep<T> {
+    /// No `clip_value`.
+    Scale(Scale<T>),
+    /// With `clip_value`.
+    ClampScale(ClampScale<T>),
+}
+
 impl<T: Real> GradPrep<T> {
     pub(crate) fn new(clip_value: Option<f64>, scale: f64) -> Self {
-        let c = clip_value.map_or(T::infinity(), T::from_f64x);
-        GradPrep {
-            lo: -c,
-            hi: c,
-            scale: T::from_f64x(scale),
+        let scale = T::from_f64x(scale);
+        match clip_value {
+            None => GradPrep::Scale(Scale(scale)),
+            Some(c) => GradPrep::ClampScale(ClampScale {
+                lo: T::from_f64x(-c),
+                hi: T::from_f64x(c),
+                scale,
+            }),
         }
     }
 
     /// Whether `clip_value` is set.
     pub(crate) fn clamps(&self) -> bool {
-        self.hi.is_finite()
+        matches!(self, GradPrep::ClampScale(_))
     }
 
     /// The clamped gradient, unscaled (what norms are measured on). `max` and
-    /// `min` vectorize; they map NaN to a bound, so non-finite checks must
-    /// look at the unclamped gradient.
+    /// `min` map NaN to a bound, so non-finite checks must look at the
+    /// unclamped gradient.
     #[inline(always)]
     pub(crate) fn clamp(&self, g: T) -> T {
-        g.max(self.lo).min(self.hi)
-    }
-
-    /// The gradient the optimizer uses.
-    #[inline(always)]
-    pub(crate) fn apply(&self, g: T) -> T {
-        self.clamp(g) * self.scale
+        match self {
+            GradPrep::Scale(_) => g,
+            GradPrep::ClampScale(c) => g.max(c.lo).min(c.hi),
+        }
     }
 }

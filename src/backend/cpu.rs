@@ -600,8 +600,11 @@ macro_rules! chunk_kernel {
             #[inline(always)]
             fn run(&self, $c: &mut Chunk<'_, T, G>) -> Sums {
                 let $k = &self.k[$c.tensor];
-                let $prep = &self.prep;
-                $body
+                // One copy of the loop per gradient transform.
+                match &self.prep {
+                    GradPrep::Scale($prep) => $body,
+                    GradPrep::ClampScale($prep) => $body,
+                }
             }
         }
     };
@@ -618,9 +621,11 @@ chunk_kernel!(SgdPlain, SgdCoeffs, |k, prep, c| sgd::step_plain(
 chunk_kernel!(SgdMomentum, SgdCoeffs, |k, prep, c| sgd::step(
     k, prep, c.p, c.g, c.s0
 ));
-chunk_kernel!(AdamStep, AdamCoeffs, |k, prep, c| adam::step(
-    k, prep, c.p, c.g, c.s0, c.s1
-));
+chunk_kernel!(AdamStep, AdamCoeffs, |k, prep, c| if k.coupled() {
+    adam::step::<_, _, _, true>(k, prep, c.p, c.g, c.s0, c.s1)
+} else {
+    adam::step::<_, _, _, false>(k, prep, c.p, c.g, c.s0, c.s1)
+});
 chunk_kernel!(AdamMoments, AdamCoeffs, |k, prep, c| adam::moments(
     k, prep, None, c.g, c.s0, c.s1
 ));

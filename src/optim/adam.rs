@@ -1,7 +1,8 @@
 //! The Adam family's per-element math: `adam` (coupled L2), `adamw`
 //! (decoupled decay, optional update clipping) and the direction of `lamb`.
 //!
-//! Every variant is `p_new = p*decay - lr*(u + wd_dir*p)` with
+//! Every variant is `p_new = p*decay - lr*(u + wd_dir*p)` (with `l2*p` added
+//! to the gradient for adam) with
 //! `u = m_hat / (sqrt(v_hat) + eps)`; the variants differ only in the scalars:
 //!
 //! | kind | `l2` (added to g) | `decay` | `lr` | `wd_dir` | passes | bytes/param (f32) |
@@ -17,7 +18,7 @@
 //! `m, v` in pass B instead of storing it: no tensor-sized temporary.
 
 use crate::backend::reduce::{sum_sq, Sums, BLOCK};
-use crate::clip::GradPrep;
+use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
 /// Per-tensor scalars of one Adam-family step, cast to `T` once.
@@ -75,10 +76,13 @@ impl<T: Real> AdamCoeffs<T> {
 }
 
 /// One fused pass (adam, adamw): reads `p, g, m, v`, writes `p, m, v`.
+/// `COUPLED` (adam with weight decay) adds `l2*p` to the gradient; otherwise
+/// the parameter is multiplied by `decay` (adamw). Each variant compiles
+/// without the other's operations.
 #[inline(always)]
-pub(crate) fn step<T: Real, G: GradElem<T>>(
+pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>, const COUPLED: bool>(
     k: &AdamCoeffs<T>,
-    prep: &GradPrep<T>,
+    prep: &P,
     p: &mut [T],
     g: &[G],
     m: &mut [T],
@@ -98,9 +102,10 @@ pub(crate) fn step<T: Real, G: GradElem<T>>(
             .zip(gb)
             .zip(mb.iter_mut().zip(vb.iter_mut()).zip(db.iter_mut()))
         {
-            let g = prep.apply(g.get()) + k.l2 * *p;
+            let g = prep.apply(g.get());
+            let (g, kept) = if COUPLED { (g + k.l2 * *p, *p) } else { (g, *p * k.decay) };
             k.moments(g, m, v);
-            let new = *p * k.decay - k.lr * (k.direction(*m, *v) + k.wd_dir * *p);
+            let new = kept - k.lr * k.direction(*m, *v);
             *d = new - *p;
             *p = new;
         }
@@ -112,9 +117,9 @@ pub(crate) fn step<T: Real, G: GradElem<T>>(
 /// Pass A of the two-pass variants: reads `g, m, v` (and `p` when given),
 /// writes `m, v`, accumulates `sum((u + wd_dir*p)^2)` and `sum(p^2)`.
 #[inline(always)]
-pub(crate) fn moments<T: Real, G: GradElem<T>>(
+pub(crate) fn moments<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     k: &AdamCoeffs<T>,
-    prep: &GradPrep<T>,
+    prep: &P,
     p: Option<&[T]>,
     g: &[G],
     m: &mut [T],
@@ -178,4 +183,11 @@ pub(crate) fn apply<T: Real>(k: &AdamCoeffs<T>, p: &mut [T], m: &[T], v: &[T]) -
         sums.update_sq += sum_sq(db);
     }
     sums
+}
+
+impl<T: Real> AdamCoeffs<T> {
+    /// Whether the coupled-L2 variant of [`step`] is needed.
+    pub(crate) fn coupled(&self) -> bool {
+        self.l2 != T::zero()
+    }
 }

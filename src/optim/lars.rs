@@ -13,7 +13,7 @@
 //! 28 bytes per f32 parameter, its minimum.
 
 use crate::backend::reduce::{sum_sq, Sums, BLOCK};
-use crate::clip::GradPrep;
+use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
 /// `||s*g + wd*p||` from the scan's sums.
@@ -52,9 +52,9 @@ impl<T: Real> LarsCoeffs<T> {
 
 /// Reads `p, g, b`, writes `p, b`.
 #[inline(always)]
-pub(crate) fn step<T: Real, G: GradElem<T>>(
+pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     k: &LarsCoeffs<T>,
-    prep: &GradPrep<T>,
+    prep: &P,
     p: &mut [T],
     g: &[G],
     b: &mut [T],

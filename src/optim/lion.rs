@@ -5,7 +5,7 @@
 //! write `p, m` 20 = 24.
 
 use crate::backend::reduce::{sum_sq, Sums, BLOCK};
-use crate::clip::GradPrep;
+use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
 /// Per-tensor scalars of one Lion step.
@@ -46,9 +46,9 @@ fn sign<T: Real>(x: T) -> T {
 
 /// Reads `p, g, m`, writes `p, m`.
 #[inline(always)]
-pub(crate) fn step<T: Real, G: GradElem<T>>(
+pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     k: &LionCoeffs<T>,
-    prep: &GradPrep<T>,
+    prep: &P,
     p: &mut [T],
     g: &[G],
     m: &mut [T],

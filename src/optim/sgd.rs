@@ -6,7 +6,7 @@
 //! without momentum (no buffer) 4 + 12 = 16.
 
 use crate::backend::reduce::{sum_sq, Sums, BLOCK};
-use crate::clip::GradPrep;
+use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
 /// Per-tensor scalars of one SGD step. The first-step and Nesterov choices
@@ -54,9 +54,9 @@ impl<T: Real> SgdCoeffs<T> {
 
 /// SGD with a momentum buffer: reads `p, g, b`, writes `p, b`.
 #[inline(always)]
-pub(crate) fn step<T: Real, G: GradElem<T>>(
+pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     k: &SgdCoeffs<T>,
-    prep: &GradPrep<T>,
+    prep: &P,
     p: &mut [T],
     g: &[G],
     b: &mut [T],
@@ -84,9 +84,9 @@ pub(crate) fn step<T: Real, G: GradElem<T>>(
 
 /// SGD without momentum: reads `p, g`, writes `p`.
 #[inline(always)]
-pub(crate) fn step_plain<T: Real, G: GradElem<T>>(
+pub(crate) fn step_plain<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     k: &SgdCoeffs<T>,
-    prep: &GradPrep<T>,
+    prep: &P,
     p: &mut [T],
     g: &[G],
 ) -> Sums {
