@@ -5,8 +5,8 @@
 //! `h0.w/exp_avg`, `h0.w/master`), in its own dtype; the safetensors metadata
 //! holds `format = keel-optimizer-state`, `format_version`, the config (in the
 //! serde vocabulary of [`crate::config`]), the step count, the parameter specs
-//! and groups, and a CRC-32 of the tensor bytes so that a corrupted file is
-//! refused rather than silently resumed.
+//! and groups, the element type, and a CRC-32 of all of it and of the tensor
+//! bytes, so that a corrupted file is refused rather than silently resumed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -86,6 +86,9 @@ pub struct StateDict {
     pub config: OptimizerConfig,
     /// Steps taken.
     pub step: u64,
+    /// The element type the optimizer computes in (`F32` or `F64`): a state
+    /// loads only into an optimizer of the same type.
+    pub dtype: String,
     /// The parameters, in buffer order.
     pub specs: Vec<ParamSpec>,
     /// The parameter groups.
@@ -151,8 +154,18 @@ fn err(path: &Path, message: impl Into<String>) -> KeelError {
     }
 }
 
-fn checksum(tensors: &[(String, Vec<u8>)]) -> u32 {
+/// CRC-32 over every metadata entry but the checksum itself (sorted by key)
+/// and every tensor (sorted by name): any flipped byte is caught.
+fn checksum(meta: &HashMap<String, String>, tensors: &[(String, Vec<u8>)]) -> u32 {
     let mut h = crc32fast::Hasher::new();
+    let mut keys: Vec<&String> = meta.keys().filter(|k| k.as_str() != "crc32").collect();
+    keys.sort();
+    for k in keys {
+        h.update(k.as_bytes());
+        h.update(&[0]);
+        h.update(meta[k].as_bytes());
+        h.update(&[0]);
+    }
     for (name, bytes) in tensors {
         h.update(name.as_bytes());
         h.update(bytes);
@@ -179,6 +192,7 @@ pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
         json("config", serde_json::to_string(&state.config))?,
     );
     meta.insert("step".to_string(), state.step.to_string());
+    meta.insert("dtype".to_string(), state.dtype.clone());
     meta.insert(
         "specs".to_string(),
         json("specs", serde_json::to_string(&state.specs))?,
@@ -191,7 +205,8 @@ pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
         "extra".to_string(),
         json("extra", serde_json::to_string(&state.extra))?,
     );
-    meta.insert("crc32".to_string(), format!("{:08x}", checksum(&named)));
+    let crc = checksum(&meta, &named);
+    meta.insert("crc32".to_string(), format!("{crc:08x}"));
     let by_name: HashMap<&str, &StateTensor> =
         state.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut views = Vec::with_capacity(named.len());
@@ -261,6 +276,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
         .map_err(|e| err(path, format!("metadata `groups`: {e}")))?;
     let extra: BTreeMap<String, String> = serde_json::from_value(parse("extra")?)
         .map_err(|e| err(path, format!("metadata `extra`: {e}")))?;
+    let dtype = get("dtype")?.clone();
     let step: u64 = get("step")?
         .parse()
         .map_err(|_| err(path, "metadata `step` is not a number"))?;
@@ -302,7 +318,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
         });
     }
     let want = get("crc32")?;
-    let got = format!("{:08x}", checksum(&named));
+    let got = format!("{:08x}", checksum(meta, &named));
     if *want != got {
         return Err(err(
             path,
@@ -312,6 +328,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
     Ok(StateDict {
         config,
         step,
+        dtype,
         specs,
         groups,
         tensors,

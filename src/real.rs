@@ -6,8 +6,9 @@ use num_traits::Float;
 /// A float the optimizers compute in: `f32` (fast path) or `f64` (conformance).
 ///
 /// Hyperparameters and per-tensor coefficients are computed in `f64` and cast
-/// once per step; reductions (norms) accumulate in `f64` whatever `Self` is, so
-/// an `f32` gradient whose square overflows `f32` still has a finite norm.
+/// once per step. Norms accumulate per block in `Self` and across blocks in
+/// `f64`; a gradient whose squares overflow `Self` is detected and its sums
+/// are redone element by element in `f64`, so it still has a finite norm.
 pub trait Real: Float + Send + Sync + Default + std::fmt::Debug + 'static {
     /// The safetensors dtype name of this type (`F32` or `F64`).
     const DTYPE: &'static str;

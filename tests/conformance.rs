@@ -47,8 +47,9 @@ fn a_perturbed_expectation_fails() {
 fn unknown_kind_is_a_failed_row_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(case_dir().join("adamw_torch_public.json")).unwrap();
-    let text = text.replacen("\"kind\": \"adamw\"", "\"kind\": \"adamax\"", 1);
-    assert!(text.contains("adamax"));
+    let mut case: serde_json::Value = serde_json::from_str(&text).unwrap();
+    case["optimizer"]["kind"] = "adamax".into();
+    let text = case.to_string();
     std::fs::write(dir.path().join("adamax.json"), text).unwrap();
     std::fs::write(dir.path().join("broken.json"), "{ not json").unwrap();
     let results = conformance::run_paths(&[dir.path().to_path_buf()]).unwrap();

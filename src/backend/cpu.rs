@@ -175,20 +175,22 @@ impl<T: Real> CpuOptimizer<T> {
         let with_params = matches!(kind, OptimizerKind::Lars(_));
         let scan_prep = GradPrep::<T>::new(self.config.clip_value, 1.0);
         let scan = scan(params, grads, &scan_prep, with_params);
-        let finite: Vec<bool> = scan
-            .iter()
-            .zip(grads)
-            .map(|(s, g)| s.raw_sq.is_finite() || g.iter().all(|x| x.get().is_finite()))
-            .collect();
+        let mut scan = scan;
+        let mut finite = vec![true; n];
+        for (i, g) in grads.iter().enumerate() {
+            if !scan[i].raw_sq.is_finite() {
+                // Rare: some element is NaN/Inf, or squares overflowed T.
+                // Decide exactly, and redo the sums in f64 if all is finite.
+                finite[i] = g.iter().all(|x| x.get().is_finite());
+                if finite[i] {
+                    scan[i].sums = rescan_f64(g, params[i], &scan_prep, with_params);
+                }
+            }
+        }
         let grad_norms: Vec<f64> = scan
             .iter()
-            .zip(grads)
             .zip(&finite)
-            .map(|((s, g), &ok)| match (s.raw_sq.is_finite(), ok) {
-                (true, _) => s.sums.grad_sq.sqrt(),
-                (false, true) => overflow_safe_norm(g, &scan_prep),
-                (false, false) => f64::NAN,
-            })
+            .map(|(s, &ok)| if ok { s.sums.grad_sq.sqrt() } else { f64::NAN })
             .collect();
         let global_norm = grad_norms.iter().map(|x| x * x).sum::<f64>().sqrt();
 
@@ -509,20 +511,25 @@ struct Scan {
     sums: Sums,
 }
 
-/// The norm of a finite gradient whose sum of squares overflowed f64.
-fn overflow_safe_norm<T: Real, G: GradElem<T>>(g: &[G], prep: &GradPrep<T>) -> f64 {
-    let max = g
-        .iter()
-        .map(|x| prep.clamp(x.get()).to_f64x().abs())
-        .fold(0.0, f64::max);
-    let sq: f64 = g
-        .iter()
-        .map(|x| {
-            let y = prep.clamp(x.get()).to_f64x() / max;
-            y * y
-        })
-        .sum();
-    max * sq.sqrt()
+/// The scan's sums of one tensor, accumulated element by element in f64:
+/// the slow path for finite gradients whose squares overflow `T`.
+fn rescan_f64<T: Real, G: GradElem<T>>(
+    g: &[G],
+    p: &[T],
+    prep: &GradPrep<T>,
+    with_params: bool,
+) -> Sums {
+    let mut sums = Sums::default();
+    for (g, p) in g.iter().zip(p) {
+        let g = prep.clamp(g.get()).to_f64x();
+        sums.grad_sq += g * g;
+        if with_params {
+            let p = p.to_f64x();
+            sums.param_sq += p * p;
+            sums.grad_dot_param += g * p;
+        }
+    }
+    sums
 }
 
 fn reduce_in_order(partial: Vec<(usize, Sums)>, n: usize) -> Vec<Sums> {
@@ -733,6 +740,7 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
         Ok(StateDict {
             config: self.config.clone(),
             step: self.step,
+            dtype: T::DTYPE.to_string(),
             specs: self.specs.clone(),
             groups: self.groups.clone(),
             tensors,
@@ -746,6 +754,13 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
                 "state is for `{}`, optimizer is `{}`",
                 sd.config.kind.name(),
                 self.config.kind.name()
+            )));
+        }
+        if sd.dtype != T::DTYPE {
+            return Err(KeelError::State(format!(
+                "state was saved by an optimizer computing in {}, this one computes in {}",
+                sd.dtype,
+                T::DTYPE
             )));
         }
         sd.check_specs(&self.specs)?;

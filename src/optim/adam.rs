@@ -103,7 +103,11 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>, const COUPLED: 
             .zip(mb.iter_mut().zip(vb.iter_mut()).zip(db.iter_mut()))
         {
             let g = prep.apply(g.get());
-            let (g, kept) = if COUPLED { (g + k.l2 * *p, *p) } else { (g, *p * k.decay) };
+            let (g, kept) = if COUPLED {
+                (g + k.l2 * *p, *p)
+            } else {
+                (g, *p * k.decay)
+            };
             k.moments(g, m, v);
             let new = kept - k.lr * k.direction(*m, *v);
             *d = new - *p;

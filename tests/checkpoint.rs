@@ -1,0 +1,534 @@
+//! Checkpoints resume bit-exactly, for every kind and precision, and broken
+//! files are refused with a message that says why.
+
+use std::fs;
+use std::path::Path;
+
+use half::bf16;
+use keel::real::Real;
+use keel::{
+    checkpoint, CpuOptimizer, KeelError, MixedPrecisionOptimizer, Optimizer, OptimizerConfig,
+    ParamGroup, ParamSpec, Rounding, Schedule, StateData, StateDict, StepStats,
+};
+
+/// Every kind, with the options that change its state or passes.
+const VARIANTS: &[(&str, &str)] = &[
+    (
+        "sgd_nesterov",
+        r#"{"kind":"sgd","lr":1,"momentum":0.9,"nesterov":true,"weight_decay":0.01}"#,
+    ),
+    ("sgd_plain", r#"{"kind":"sgd","lr":1}"#),
+    ("adam", r#"{"kind":"adam","lr":1,"weight_decay":0.01}"#),
+    ("adamw", r#"{"kind":"adamw","lr":1,"weight_decay":0.1}"#),
+    (
+        "adamw_update_clip",
+        r#"{"kind":"adamw","lr":1,"weight_decay":0.1,"update_clip_rms":0.5,"clip_global_norm":5.0}"#,
+    ),
+    ("lamb", r#"{"kind":"lamb","lr":1,"weight_decay":0.01}"#),
+    (
+        "lars",
+        r#"{"kind":"lars","lr":1,"momentum":0.9,"weight_decay":0.01,"trust_coefficient":0.02}"#,
+    ),
+    (
+        "lion",
+        r#"{"kind":"lion","lr":1,"weight_decay":0.01,"clip_value":2.0}"#,
+    ),
+];
+
+fn parse(json: &str) -> OptimizerConfig {
+    OptimizerConfig::from_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
+}
+
+/// Parameters of assorted shapes: a matrix, one tensor over a block, a
+/// scalar, and one larger than a 16K-element work chunk.
+fn specs() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::new("emb", [7, 5]),
+        ParamSpec::new("h0.w", [300]),
+        ParamSpec::new("h0.b", Vec::<usize>::new()),
+        ParamSpec::new("big", [17000]),
+    ]
+}
+
+fn groups() -> Vec<ParamGroup> {
+    vec![
+        ParamGroup::new("decay", ["emb", "h0.w", "big"]),
+        ParamGroup::new("no_decay", ["h0.b"])
+            .with_weight_decay(false)
+            .with_lr_scale(0.5),
+    ]
+}
+
+const SCHEDULE: Schedule = Schedule::WarmupCosine {
+    peak_lr: 0.01,
+    warmup_steps: 3,
+    total_steps: 10,
+    final_lr: 0.001,
+};
+
+/// splitmix64: deterministic test data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+    }
+}
+
+fn values<T: Real>(seed: u64, scale: f64) -> Vec<Vec<T>> {
+    let mut rng = Rng(seed);
+    specs()
+        .iter()
+        .map(|s| {
+            (0..s.numel())
+                .map(|_| T::from_f64x(rng.uniform() * scale))
+                .collect()
+        })
+        .collect()
+}
+
+fn init<T: Real>() -> Vec<Vec<T>> {
+    values(1, 1.0)
+}
+
+/// The gradients of step `s`, with a spike at step 4.
+fn grads<T: Real>(s: u64) -> Vec<Vec<T>> {
+    values(1000 + s, if s == 4 { 100.0 } else { 1.0 })
+}
+
+/// Gradients holding a NaN: the step is skipped.
+fn nan_grads<T: Real>() -> Vec<Vec<T>> {
+    let mut g = grads::<T>(99);
+    g[1][17] = T::nan();
+    g
+}
+
+fn step<T: Real>(opt: &mut CpuOptimizer<T>, params: &mut [Vec<T>], grads: &[Vec<T>]) -> StepStats {
+    let mut ps: Vec<&mut [T]> = params.iter_mut().map(|p| &mut p[..]).collect();
+    let gs: Vec<&[T]> = grads.iter().map(|g| &g[..]).collect();
+    opt.step(&mut ps, &gs).unwrap()
+}
+
+/// Steps `from..to` as a trainer would: lr from the schedule, and a skipped
+/// (NaN) step before step 7.
+fn train<T: Real>(opt: &mut CpuOptimizer<T>, params: &mut [Vec<T>], from: u64, to: u64) {
+    for s in from..to {
+        if s == 7 {
+            assert!(step(opt, params, &nan_grads()).skipped.is_some());
+        }
+        opt.set_lr(SCHEDULE.lr_at(s)).unwrap();
+        let stats = step(opt, params, &grads(s));
+        assert!(stats.skipped.is_none());
+        assert_eq!(stats.step, s + 1);
+    }
+}
+
+fn same_bits<T: Real>(a: &[T], b: &[T]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.to_f64x().to_bits() == y.to_f64x().to_bits())
+}
+
+/// `StateDict` equality with tensors compared bit for bit.
+fn assert_state_eq(a: &StateDict, b: &StateDict, what: &str) {
+    assert_eq!(a.config, b.config, "{what}");
+    assert_eq!(a.step, b.step, "{what}");
+    assert_eq!(a.specs, b.specs, "{what}");
+    assert_eq!(a.groups, b.groups, "{what}");
+    assert_eq!(a.extra, b.extra, "{what}");
+    let mut ta: Vec<_> = a.tensors.iter().collect();
+    let mut tb: Vec<_> = b.tensors.iter().collect();
+    ta.sort_by(|x, y| x.name.cmp(&y.name));
+    tb.sort_by(|x, y| x.name.cmp(&y.name));
+    assert_eq!(ta.len(), tb.len(), "{what}");
+    for (x, y) in ta.iter().zip(&tb) {
+        assert_eq!(x.name, y.name, "{what}");
+        assert_eq!(x.shape, y.shape, "{what}");
+        let same = match (&x.data, &y.data) {
+            (StateData::F32(u), StateData::F32(v)) => same_bits(u, v),
+            (StateData::F64(u), StateData::F64(v)) => same_bits(u, v),
+            _ => false,
+        };
+        assert!(same, "{what}: state tensor {} differs", x.name);
+    }
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// 10 steps straight equal 5 steps, a checkpoint, a fresh optimizer, and 5
+/// more: parameters and state bit-identical, both through `load_state` and
+/// through `from_state_dict(checkpoint::load(..))`.
+fn resume_is_bit_identical<T: Real>(name: &str, json: &str) {
+    let what = format!("{name} {}", T::DTYPE);
+    let cfg = parse(json);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.safetensors");
+
+    let mut straight = CpuOptimizer::<T>::with_groups(cfg.clone(), specs(), groups()).unwrap();
+    let mut p_straight = init::<T>();
+    train(&mut straight, &mut p_straight, 0, 10);
+
+    let mut first = CpuOptimizer::<T>::with_groups(cfg.clone(), specs(), groups()).unwrap();
+    let mut p_half = init::<T>();
+    train(&mut first, &mut p_half, 0, 5);
+    first.save_state(&path).unwrap();
+    first.save_state(&path).unwrap(); // overwriting is fine too
+    assert_eq!(
+        files_in(dir.path()),
+        ["state.safetensors"],
+        "{what}: temporary file left behind"
+    );
+
+    let loaded = checkpoint::load(&path).unwrap();
+    assert_state_eq(&loaded, &first.state_dict().unwrap(), &what);
+
+    // A fresh optimizer from the config and specs alone (one default group):
+    // the checkpoint brings back the groups, step count and moments.
+    let mut fresh = CpuOptimizer::<T>::new(cfg.clone(), specs()).unwrap();
+    fresh.load_state(&path).unwrap();
+    assert_eq!(fresh.groups(), &groups()[..], "{what}");
+    assert_eq!(fresh.step_count(), 5, "{what}");
+    let rebuilt = CpuOptimizer::<T>::from_state_dict(&loaded).unwrap();
+    assert_eq!(rebuilt.config(), first.config(), "{what}");
+
+    for (how, mut opt) in [("load_state", fresh), ("from_state_dict", rebuilt)] {
+        let mut params = p_half.clone();
+        train(&mut opt, &mut params, 5, 10);
+        for (i, (a, b)) in params.iter().zip(&p_straight).enumerate() {
+            assert!(same_bits(a, b), "{what} via {how}: parameter {i} differs");
+        }
+        assert_state_eq(
+            &opt.state_dict().unwrap(),
+            &straight.state_dict().unwrap(),
+            &what,
+        );
+        assert_eq!(opt.step_count(), 10, "{what}");
+    }
+}
+
+#[test]
+fn every_kind_resumes_bit_identically_f32() {
+    for (name, json) in VARIANTS {
+        resume_is_bit_identical::<f32>(name, json);
+    }
+}
+
+#[test]
+fn every_kind_resumes_bit_identically_f64() {
+    for (name, json) in VARIANTS {
+        resume_is_bit_identical::<f64>(name, json);
+    }
+}
+
+fn bf16_values(v: Vec<Vec<f32>>) -> Vec<Vec<bf16>> {
+    v.into_iter()
+        .map(|t| t.into_iter().map(bf16::from_f32).collect())
+        .collect()
+}
+
+fn step_mixed(opt: &mut MixedPrecisionOptimizer, params: &mut [Vec<bf16>], s: u64) {
+    let g = bf16_values(grads::<f32>(s));
+    let mut ps: Vec<&mut [bf16]> = params.iter_mut().map(|p| &mut p[..]).collect();
+    let gs: Vec<&[bf16]> = g.iter().map(|g| &g[..]).collect();
+    opt.set_lr(SCHEDULE.lr_at(s)).unwrap();
+    let stats = opt.step(&mut ps, &gs).unwrap();
+    assert!(stats.skipped.is_none());
+}
+
+fn mixed(
+    params: &[Vec<bf16>],
+    groups: Vec<ParamGroup>,
+    rounding: Rounding,
+) -> MixedPrecisionOptimizer {
+    let cfg = parse(r#"{"kind":"adamw","lr":1,"weight_decay":0.1,"clip_global_norm":10.0}"#);
+    let init: Vec<&[bf16]> = params.iter().map(|p| &p[..]).collect();
+    MixedPrecisionOptimizer::new(cfg, specs(), groups, &init, rounding).unwrap()
+}
+
+#[test]
+fn mixed_precision_resumes_bit_identically() {
+    for rounding in [Rounding::Stochastic { seed: 42 }, Rounding::Nearest] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mixed.safetensors");
+        let p0 = bf16_values(init::<f32>());
+
+        let mut straight = mixed(&p0, groups(), rounding);
+        let mut p_straight = p0.clone();
+        for s in 0..10 {
+            step_mixed(&mut straight, &mut p_straight, s);
+        }
+
+        let mut first = mixed(&p0, groups(), rounding);
+        let mut params = p0.clone();
+        for s in 0..5 {
+            step_mixed(&mut first, &mut params, s);
+        }
+        first.save_state(&path).unwrap();
+        assert_eq!(files_in(dir.path()), ["mixed.safetensors"]);
+
+        // Fresh, with one group and the other rounding: the checkpoint
+        // restores groups, rounding and master weights.
+        let specs = specs();
+        let mut fresh = mixed(&params, vec![ParamGroup::all(&specs)], Rounding::Nearest);
+        fresh.load_state(&path).unwrap();
+        assert_state_eq(
+            &fresh.state_dict().unwrap(),
+            &first.state_dict().unwrap(),
+            "mixed load",
+        );
+        for s in 5..10 {
+            step_mixed(&mut fresh, &mut params, s);
+        }
+        for (i, (a, b)) in params.iter().zip(&p_straight).enumerate() {
+            assert!(
+                a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{rounding:?}: bf16 parameter {i} differs"
+            );
+            assert!(
+                same_bits(fresh.master(i), straight.master(i)),
+                "{rounding:?}: master {i} differs"
+            );
+        }
+        assert_state_eq(
+            &fresh.state_dict().unwrap(),
+            &straight.state_dict().unwrap(),
+            "mixed",
+        );
+    }
+}
+
+/// A saved adamw f32 state, its bytes, and where the tensor data starts.
+fn saved_adamw(dir: &Path) -> (std::path::PathBuf, Vec<u8>, usize, CpuOptimizer<f32>) {
+    let path = dir.join("adamw.safetensors");
+    let mut opt =
+        CpuOptimizer::<f32>::with_groups(parse(VARIANTS[3].1), specs(), groups()).unwrap();
+    let mut params = init::<f32>();
+    train(&mut opt, &mut params, 0, 3);
+    opt.save_state(&path).unwrap();
+    let bytes = fs::read(&path).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let data_start = 8 + header;
+    assert!(data_start < bytes.len());
+    (path, bytes, data_start, opt)
+}
+
+#[test]
+fn truncated_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes, data_start, _) = saved_adamw(dir.path());
+    let n = bytes.len();
+    let mut target =
+        CpuOptimizer::<f32>::with_groups(parse(VARIANTS[3].1), specs(), groups()).unwrap();
+    let before = target.state_dict().unwrap();
+    for cut in [
+        0,
+        1,
+        7,
+        8,
+        9,
+        data_start / 2,
+        data_start - 1,
+        data_start,
+        data_start + 1,
+        (data_start + n) / 2,
+        n - 4,
+        n - 1,
+    ] {
+        let path = dir.path().join(format!("cut{cut}.safetensors"));
+        fs::write(&path, &bytes[..cut]).unwrap();
+        let e = checkpoint::load(&path).unwrap_err();
+        assert!(
+            matches!(e, KeelError::Checkpoint { .. }),
+            "cut at {cut}: {e:?}"
+        );
+        let msg = e.to_string();
+        assert!(msg.contains("truncated"), "cut at {cut} of {n}: {msg}");
+        assert!(
+            msg.contains(&format!("cut{cut}.safetensors")),
+            "the message names the file: {msg}"
+        );
+        assert!(target.load_state(&path).is_err());
+        assert_eq!(
+            target.state_dict().unwrap(),
+            before,
+            "a failed load changed the optimizer"
+        );
+    }
+}
+
+#[test]
+fn corrupted_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, bytes, data_start, _) = saved_adamw(dir.path());
+    let n = bytes.len();
+    let mut target =
+        CpuOptimizer::<f32>::with_groups(parse(VARIANTS[3].1), specs(), groups()).unwrap();
+    let before = target.state_dict().unwrap();
+    for (at, mask) in [
+        (n - 1, 0x01u8),
+        (n - 5, 0xff),
+        (n - 100, 0x80),
+        (data_start, 0x10),
+        ((data_start + n) / 2, 0x04),
+    ] {
+        let mut broken = bytes.clone();
+        broken[at] ^= mask;
+        let path = dir.path().join(format!("flip{at}.safetensors"));
+        fs::write(&path, &broken).unwrap();
+        let e = checkpoint::load(&path).unwrap_err();
+        assert!(
+            matches!(e, KeelError::Checkpoint { .. }),
+            "byte {at}: {e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("checksum") && msg.contains("corrupted"),
+            "byte {at}: {msg}"
+        );
+        assert!(target.load_state(&path).is_err());
+        assert_eq!(target.state_dict().unwrap(), before);
+    }
+    // The untouched bytes still load.
+    let path = dir.path().join("intact.safetensors");
+    fs::write(&path, &bytes).unwrap();
+    target.load_state(&path).unwrap();
+    assert_eq!(target.step_count(), 3);
+}
+
+#[test]
+fn missing_files_and_folders_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.safetensors");
+    let e = checkpoint::load(&missing).unwrap_err();
+    assert!(matches!(e, KeelError::Checkpoint { .. }), "{e:?}");
+    assert!(e.to_string().contains("nope.safetensors"), "{e}");
+    let mut opt = CpuOptimizer::<f64>::new(parse(VARIANTS[0].1), specs()).unwrap();
+    assert!(opt.load_state(&missing).is_err());
+    // Saving into a folder that does not exist fails and leaves nothing.
+    let e = opt
+        .save_state(&dir.path().join("no/such/dir/state.safetensors"))
+        .unwrap_err();
+    assert!(matches!(e, KeelError::Checkpoint { .. }), "{e:?}");
+    assert!(files_in(dir.path()).is_empty());
+    // Not a keel file at all.
+    let junk = dir.path().join("junk.safetensors");
+    fs::write(&junk, b"hello, world: definitely not safetensors").unwrap();
+    assert!(checkpoint::load(&junk).is_err());
+}
+
+fn dtype_mismatch_is_refused(name: &str, json: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.safetensors");
+    let mut opt64 = CpuOptimizer::<f64>::with_groups(parse(json), specs(), groups()).unwrap();
+    let mut p64 = init::<f64>();
+    train(&mut opt64, &mut p64, 0, 2);
+    opt64.save_state(&path).unwrap();
+    let mut opt32 = CpuOptimizer::<f32>::with_groups(parse(json), specs(), groups()).unwrap();
+    let before = opt32.state_dict().unwrap();
+    assert!(
+        opt32.load_state(&path).is_err(),
+        "{name}: an f64 state loaded into an f32 optimizer"
+    );
+    assert_eq!(opt32.state_dict().unwrap(), before, "{name}");
+    assert!(
+        CpuOptimizer::<f32>::from_state_dict(&checkpoint::load(&path).unwrap()).is_err(),
+        "{name}: from_state_dict accepted an f64 state for f32"
+    );
+    // And the other way round.
+    let mut opt32 = CpuOptimizer::<f32>::with_groups(parse(json), specs(), groups()).unwrap();
+    let mut p32 = init::<f32>();
+    train(&mut opt32, &mut p32, 0, 2);
+    let sd = opt32.state_dict().unwrap();
+    let mut fresh64 = CpuOptimizer::<f64>::with_groups(parse(json), specs(), groups()).unwrap();
+    assert!(
+        fresh64.load_state_dict(&sd).is_err(),
+        "{name}: an f32 state loaded into an f64 optimizer"
+    );
+}
+
+#[test]
+fn f64_state_into_f32_optimizer_is_refused() {
+    for (name, json) in VARIANTS.iter().filter(|(n, _)| *n != "sgd_plain") {
+        dtype_mismatch_is_refused(name, json);
+    }
+}
+
+/// BUG (src/backend/cpu.rs, `load_state_dict`): the dtype is only checked
+/// per state tensor (`StateDict::tensor`), and the state dict records no
+/// dtype of its own, so a kind without state buffers (sgd without momentum)
+/// accepts a state of the other precision, although `Optimizer::load_state_dict`
+/// promises "the kind and dtype must match".
+#[test]
+fn f64_state_into_f32_optimizer_is_refused_without_state_buffers() {
+    dtype_mismatch_is_refused("sgd_plain", r#"{"kind":"sgd","lr":1}"#);
+}
+
+/// A parameter with no elements (shape `[0, 4]`) steps, saves and loads.
+#[test]
+fn zero_size_parameters_round_trip() {
+    let specs = vec![ParamSpec::new("e", [0, 4]), ParamSpec::new("w", [3])];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("z.safetensors");
+    for (name, json) in VARIANTS {
+        let mut opt = CpuOptimizer::<f32>::new(parse(json), specs.clone()).unwrap();
+        let mut e: [f32; 0] = [];
+        let mut w = [1.0f32; 3];
+        let stats = opt
+            .step(&mut [&mut e[..], &mut w[..]], &[&[][..], &[0.5f32; 3][..]])
+            .unwrap();
+        assert_eq!(stats.tensors[0].grad_norm, 0.0, "{name}");
+        assert_eq!(stats.tensors[0].update_norm, 0.0, "{name}");
+        assert!(
+            (stats.global_grad_norm - 0.75f64.sqrt()).abs() < 1e-12,
+            "{name}"
+        );
+        opt.save_state(&path).unwrap();
+        let mut back = CpuOptimizer::<f32>::new(parse(json), specs.clone()).unwrap();
+        back.load_state(&path).unwrap();
+        assert_state_eq(
+            &back.state_dict().unwrap(),
+            &opt.state_dict().unwrap(),
+            name,
+        );
+    }
+}
+
+/// GAP (src/checkpoint.rs `to_bytes`/`from_bytes`): the CRC-32 covers tensor
+/// names and bytes only, not the metadata (config, step, specs, groups,
+/// extra). One flipped digit in the step count loads silently and changes
+/// Adam's bias correction on resume.
+#[test]
+fn corrupted_metadata_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, mut bytes, _, _) = saved_adamw(dir.path());
+    let pat = b"\"step\":\"3\"";
+    let at = bytes
+        .windows(pat.len())
+        .position(|w| w == pat)
+        .expect("step in the metadata");
+    bytes[at + 8] = b'7';
+    fs::write(&path, &bytes).unwrap();
+    let loaded = checkpoint::load(&path);
+    assert!(
+        loaded.is_err(),
+        "a corrupted step count loaded: step {:?}",
+        loaded.map(|s| s.step)
+    );
+}
