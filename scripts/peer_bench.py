@@ -7,6 +7,7 @@ median and minimum wall time per step plus an effective memory bandwidth.
 
 Implementations (--which):
   torch_adamw_fused    torch.optim.AdamW(lr=1e-3, weight_decay=0.01, fused=True)
+  torch_adamw_fused_clip  torch.nn.utils.clip_grad_norm_(max_norm=1.0) then the fused step
   torch_adamw_foreach  torch.optim.AdamW(lr=1e-3, weight_decay=0.01, foreach=True)
   optax_adamw          optax.adamw(1e-3, weight_decay=0.01)
   optax_lamb           optax.lamb(1e-3, weight_decay=0.01)
@@ -63,6 +64,7 @@ import time
 
 ALL_IMPLS = [
     "torch_adamw_fused",
+    "torch_adamw_fused_clip",
     "torch_adamw_foreach",
     "optax_adamw",
     "optax_lamb",
@@ -71,6 +73,7 @@ ALL_IMPLS = [
 
 BYTES_PER_PARAM = {
     "torch_adamw_fused": 28,
+    "torch_adamw_fused_clip": 28,
     "torch_adamw_foreach": 28,
     "optax_adamw": 28,
     "optax_lamb": 28,
@@ -128,17 +131,24 @@ def bench_torch(impl, n, reps, threads):
     torch.set_num_threads(threads)
     p = torch.nn.Parameter(torch.from_numpy(_random_f32(n, 0)))
     p.grad = torch.from_numpy(_random_f32(n, 1))
-    if impl == "torch_adamw_fused":
+    clip = impl.endswith("_clip")
+    if impl in ("torch_adamw_fused", "torch_adamw_fused_clip"):
         opt = torch.optim.AdamW([p], lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     elif impl == "torch_adamw_foreach":
         opt = torch.optim.AdamW([p], lr=LR, weight_decay=WEIGHT_DECAY, foreach=True)
     else:
         raise ValueError(impl)
 
+    g0 = p.grad.clone() if clip else None
     times = []
     with torch.no_grad():
         for i in range(WARMUP + reps):
+            if clip:
+                # The grads are rescaled in place: restore them untimed.
+                p.grad.copy_(g0)
             t0 = time.perf_counter()
+            if clip:
+                torch.nn.utils.clip_grad_norm_([p], 1.0, foreach=True)
             opt.step()
             t1 = time.perf_counter()
             if i >= WARMUP:

@@ -16,22 +16,34 @@ keel=target/release/keel
 
 echo "| optimizer | B/param moved | B/param minimum | ms/step | GB/s | floor ms | % of floor |"
 echo "|---|---|---|---|---|---|---|"
+row() {
+  python3 -c '
+import json, sys
+r = json.load(sys.stdin)
+cells = [sys.argv[1], r["bytes_per_param"], r["min_bytes_per_param"], "%.2f" % r["ms_per_step"],
+         "%.1f" % r["gb_per_s"], "%.2f" % r["floor_ms"], "%.0f%%" % r["pct_of_floor"]]
+print("| " + " | ".join(str(c) for c in cells) + " |")' "$1"
+}
+bench() { $keel bench --params "$params" --steps "$steps" --threads 2 --json "$@"; }
 for kind in adamw adam sgd lion lamb lars; do
-  for dtype in f32 bf16; do
-    [ "$dtype" = bf16 ] && [ "$kind" != adamw ] && continue
-    $keel bench --optimizer "$kind" --params "$params" --steps "$steps" --threads 2 --dtype "$dtype" --json |
-      python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"| {r[\"optimizer\"]} ({r[\"dtype\"]}) | {r[\"bytes_per_param\"]} | {r[\"min_bytes_per_param\"]} | {r[\"ms_per_step\"]:.2f} | {r[\"gb_per_s\"]:.1f} | {r[\"floor_ms\"]:.2f} | {r[\"pct_of_floor\"]:.0f}% |")'
-  done
+  bench --optimizer "$kind" | row "$kind"
 done
+bench --config '{"kind": "adamw", "lr": 0.001, "clip_global_norm": 1.0}' | row "adamw + clip_global_norm"
+bench --config '{"kind": "adamw", "lr": 0.001, "update_clip_rms": 1.0}' | row "adamw + update_clip_rms"
+bench --optimizer adamw --dtype bf16 | row "adamw, bf16 params"
+bench --optimizer adamw --tensors 100 | row "adamw, 100 tensors"
 
 if [ -x "$peer_python" ]; then
   echo
-  echo "| peer | ms/step | GB/s (28 or 20 B/param) |"
+  echo "| peer | ms/step | GB/s (at 28 or 20 B/param) |"
   echo "|---|---|---|"
   "$peer_python" scripts/peer_bench.py --params "$params" --reps "$steps" --threads 2 --json |
-    python3 -c 'import json,sys
+    python3 -c '
+import json, sys
 for line in sys.stdin:
-    r=json.loads(line)
-    if "error" in r: print(f"| {r[\"impl\"]} | error: {r[\"error\"]} | |"); continue
-    print(f"| {r[\"impl\"]} ({r[\"version\"]}) | {r[\"ms_per_step\"]:.2f} | {r[\"gb_per_s\"]:.1f} |")'
+    r = json.loads(line)
+    if "error" in r:
+        print("| %s | error: %s | |" % (r["impl"], r["error"]))
+    else:
+        print("| %s (%s) | %.2f | %.1f |" % (r["impl"], r["version"], r["ms_per_step"], r["gb_per_s"]))'
 fi

@@ -111,7 +111,9 @@ fn sizes(params: usize, tensors: usize) -> Vec<usize> {
     v
 }
 
-/// Times `step` and `floor` alternately: warm-up, then `steps` of each.
+/// Times `step` and `floor` alternately in runs of [`RUN`] (so both see the
+/// same drifts in machine load, while each run keeps its own working set in
+/// cache where it fits): warm-up, then `steps` of each.
 fn time_alternating(
     opts: &BenchOptions,
     floor: &mut impl FnMut(),
@@ -126,16 +128,24 @@ fn time_alternating(
         Vec::with_capacity(opts.steps),
         Vec::with_capacity(opts.steps),
     );
-    for _ in 0..opts.steps {
-        let t0 = Instant::now();
-        step()?;
-        steps.push(ms(t0));
-        let t0 = Instant::now();
-        floor();
-        floors.push(ms(t0));
+    while steps.len() < opts.steps {
+        let run = RUN.min(opts.steps - steps.len());
+        for _ in 0..run {
+            let t0 = Instant::now();
+            step()?;
+            steps.push(ms(t0));
+        }
+        for _ in 0..run {
+            let t0 = Instant::now();
+            floor();
+            floors.push(ms(t0));
+        }
     }
     Ok((steps, floors))
 }
+
+/// Consecutive repetitions of the step (then of the floor) in the alternation.
+const RUN: usize = 5;
 
 /// The floor loop for `slots` state buffers: reads `p, g, state`, writes
 /// `p, state`, with trivial arithmetic.
@@ -201,7 +211,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         .enumerate()
         .map(|(i, &n)| ParamSpec::new(format!("t{i}"), [n]))
         .collect();
-    let mut params: Vec<Vec<f32>> = sizes
+    let params: Vec<Vec<f32>> = sizes
         .iter()
         .enumerate()
         .map(|(i, &n)| fill(n, 2 * i as u64 + 1, 1.0))
@@ -213,25 +223,29 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         .collect();
 
     // The step and the floor loop alternate, so that drifts in machine load
-    // hit both alike and their ratio stays meaningful on a noisy machine.
+    // hit both alike and their ratio stays meaningful on a noisy machine. The
+    // floor updates the same parameters with the same gradients, through its
+    // own state buffers.
     let slots = state_slots(&opts.config.kind).len();
     let mut floor_state: Vec<Vec<Vec<f32>>> = sizes
         .iter()
         .map(|&n| (0..slots).map(|_| vec![0.0f32; n]).collect())
         .collect();
-    let mut floor_params = params.clone();
-    let mut floor = || floor_step(&mut floor_params, &grads, &mut floor_state);
+    let params = std::cell::RefCell::new(params);
+    let mut floor = || floor_step(&mut params.borrow_mut(), &grads, &mut floor_state);
     let (times, floor_times) = match opts.dtype {
         BenchDtype::F32 => {
             let mut opt = CpuOptimizer::<f32>::new(opts.config.clone(), specs)?;
             let g: Vec<&[f32]> = grads.iter().map(|g| &g[..]).collect();
             time_alternating(opts, &mut floor, || {
+                let mut params = params.borrow_mut();
                 let mut p: Vec<&mut [f32]> = params.iter_mut().map(|p| &mut p[..]).collect();
                 opt.step(&mut p, &g).map(|_| ())
             })?
         }
         BenchDtype::Bf16 => {
             let mut pb: Vec<Vec<bf16>> = params
+                .borrow()
                 .iter()
                 .map(|p| p.iter().map(|&x| bf16::from_f32(x)).collect())
                 .collect();
