@@ -315,6 +315,12 @@ impl OptimizerConfig {
         let k = self.kind.name();
         check_lr(k, self.lr())?;
         let f = |field: &str| format!("{k}.{field}");
+        let adam_like = |beta1, beta2, eps, weight_decay| -> Result<()> {
+            unit_interval(&f("beta1"), beta1)?;
+            unit_interval(&f("beta2"), beta2)?;
+            non_negative(&f("eps"), eps)?;
+            non_negative(&f("weight_decay"), weight_decay)
+        };
         match &self.kind {
             OptimizerKind::Sgd(c) => {
                 unit_interval(&f("momentum"), c.momentum)?;
@@ -327,27 +333,14 @@ impl OptimizerConfig {
                     ));
                 }
             }
-            OptimizerKind::Adam(c) => {
-                unit_interval(&f("beta1"), c.beta1)?;
-                unit_interval(&f("beta2"), c.beta2)?;
-                non_negative(&f("eps"), c.eps)?;
-                non_negative(&f("weight_decay"), c.weight_decay)?;
-            }
+            OptimizerKind::Adam(c) => adam_like(c.beta1, c.beta2, c.eps, c.weight_decay)?,
             OptimizerKind::AdamW(c) => {
-                unit_interval(&f("beta1"), c.beta1)?;
-                unit_interval(&f("beta2"), c.beta2)?;
-                non_negative(&f("eps"), c.eps)?;
-                non_negative(&f("weight_decay"), c.weight_decay)?;
+                adam_like(c.beta1, c.beta2, c.eps, c.weight_decay)?;
                 if let Some(d) = c.update_clip_rms {
                     positive(&f("update_clip_rms"), d)?;
                 }
             }
-            OptimizerKind::Lamb(c) => {
-                unit_interval(&f("beta1"), c.beta1)?;
-                unit_interval(&f("beta2"), c.beta2)?;
-                non_negative(&f("eps"), c.eps)?;
-                non_negative(&f("weight_decay"), c.weight_decay)?;
-            }
+            OptimizerKind::Lamb(c) => adam_like(c.beta1, c.beta2, c.eps, c.weight_decay)?,
             OptimizerKind::Lars(c) => {
                 unit_interval(&f("momentum"), c.momentum)?;
                 non_negative(&f("weight_decay"), c.weight_decay)?;
@@ -371,53 +364,35 @@ impl OptimizerConfig {
 }
 
 fn check_lr(kind: &str, lr: f64) -> Result<()> {
-    if !lr.is_finite() || lr < 0.0 {
-        return Err(KeelError::config(
-            format!("{kind}.lr"),
-            format!("must be finite and >= 0, got {lr}"),
-        ));
+    non_negative(&format!("{kind}.lr"), lr)
+}
+
+/// `Ok` when `ok`, else an error naming `field`, what it must be, and `x`.
+fn require(field: &str, x: f64, ok: bool, must_be: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(KeelError::config(
+            field,
+            format!("must be {must_be}, got {x}"),
+        ))
     }
-    Ok(())
 }
 
 fn unit_interval(field: &str, x: f64) -> Result<()> {
-    if !(0.0..1.0).contains(&x) {
-        return Err(KeelError::config(
-            field,
-            format!("must be in [0, 1), got {x}"),
-        ));
-    }
-    Ok(())
+    require(field, x, (0.0..1.0).contains(&x), "in [0, 1)")
 }
 
 fn closed_unit(field: &str, x: f64) -> Result<()> {
-    if !(0.0..=1.0).contains(&x) {
-        return Err(KeelError::config(
-            field,
-            format!("must be in [0, 1], got {x}"),
-        ));
-    }
-    Ok(())
+    require(field, x, (0.0..=1.0).contains(&x), "in [0, 1]")
 }
 
 fn non_negative(field: &str, x: f64) -> Result<()> {
-    if !x.is_finite() || x < 0.0 {
-        return Err(KeelError::config(
-            field,
-            format!("must be finite and >= 0, got {x}"),
-        ));
-    }
-    Ok(())
+    require(field, x, x.is_finite() && x >= 0.0, "finite and >= 0")
 }
 
 fn positive(field: &str, x: f64) -> Result<()> {
-    if !x.is_finite() || x <= 0.0 {
-        return Err(KeelError::config(
-            field,
-            format!("must be finite and > 0, got {x}"),
-        ));
-    }
-    Ok(())
+    require(field, x, x.is_finite() && x > 0.0, "finite and > 0")
 }
 
 const SHARED_KEYS: [&str; 3] = ["clip_global_norm", "clip_value", "on_nonfinite"];

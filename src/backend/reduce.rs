@@ -112,3 +112,33 @@ impl Sums {
         self.direction_sq += o.direction_sq;
     }
 }
+
+/// The loop of every fused kernel with one state buffer (sgd with momentum,
+/// lars, lion): in blocks of [`BLOCK`], `sum(p^2)` before the update, then
+/// `new = update(p, g, &mut state)` per element, then `sum((new - p)^2)`.
+/// `update` is the optimizer's per-element math; it inlines into this loop.
+#[inline(always)]
+pub(crate) fn fused_one_state<T: Real, G: Copy>(
+    p: &mut [T],
+    g: &[G],
+    state: &mut [T],
+    update: impl Fn(T, G, &mut T) -> T,
+) -> Sums {
+    let mut sums = Sums::default();
+    let mut delta = [T::zero(); BLOCK];
+    for ((pb, gb), sb) in p
+        .chunks_mut(BLOCK)
+        .zip(g.chunks(BLOCK))
+        .zip(state.chunks_mut(BLOCK))
+    {
+        sums.param_sq += sum_sq(pb);
+        let db = &mut delta[..pb.len()];
+        for (((p, g), s), d) in pb.iter_mut().zip(gb).zip(sb.iter_mut()).zip(db.iter_mut()) {
+            let new = update(*p, *g, s);
+            *d = new - *p;
+            *p = new;
+        }
+        sums.update_sq += sum_sq(db);
+    }
+    sums
+}

@@ -12,7 +12,7 @@
 //! factor `s`. So LARS moves scan 8 + read `p, g, b` and write `p, b` 20 =
 //! 28 bytes per f32 parameter, its minimum.
 
-use crate::backend::reduce::{sum_sq, Sums, BLOCK};
+use crate::backend::reduce::{fused_one_state, Sums};
 use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
@@ -59,23 +59,9 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     g: &[G],
     b: &mut [T],
 ) -> Sums {
-    let mut sums = Sums::default();
-    let mut delta = [T::zero(); BLOCK];
-    for ((pb, gb), bb) in p
-        .chunks_mut(BLOCK)
-        .zip(g.chunks(BLOCK))
-        .zip(b.chunks_mut(BLOCK))
-    {
-        sums.param_sq += sum_sq(pb);
-        let db = &mut delta[..pb.len()];
-        for (((p, g), b), d) in pb.iter_mut().zip(gb).zip(bb.iter_mut()).zip(db.iter_mut()) {
-            let u = k.lr_trust * (prep.apply(g.get()) + k.wd * *p);
-            *b = u + k.momentum * *b;
-            let new = *p - (k.u_in_d * u + k.b_in_d * *b);
-            *d = new - *p;
-            *p = new;
-        }
-        sums.update_sq += sum_sq(db);
-    }
-    sums
+    fused_one_state(p, g, b, |p, g, b| {
+        let u = k.lr_trust * (prep.apply(g.get()) + k.wd * p);
+        *b = u + k.momentum * *b;
+        p - (k.u_in_d * u + k.b_in_d * *b)
+    })
 }

@@ -4,7 +4,7 @@
 //! with `sign(0) = 0`. Bytes per f32 parameter: scan 4 + read `p, g, m` and
 //! write `p, m` 20 = 24.
 
-use crate::backend::reduce::{sum_sq, Sums, BLOCK};
+use crate::backend::reduce::{fused_one_state, Sums};
 use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
@@ -53,24 +53,10 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     g: &[G],
     m: &mut [T],
 ) -> Sums {
-    let mut sums = Sums::default();
-    let mut delta = [T::zero(); BLOCK];
-    for ((pb, gb), mb) in p
-        .chunks_mut(BLOCK)
-        .zip(g.chunks(BLOCK))
-        .zip(m.chunks_mut(BLOCK))
-    {
-        sums.param_sq += sum_sq(pb);
-        let db = &mut delta[..pb.len()];
-        for (((p, g), m), d) in pb.iter_mut().zip(gb).zip(mb.iter_mut()).zip(db.iter_mut()) {
-            let g = prep.apply(g.get());
-            let c = k.b1 * *m + k.one_minus_b1 * g;
-            *m = k.b2 * *m + k.one_minus_b2 * g;
-            let new = *p * k.decay - k.lr * sign(c);
-            *d = new - *p;
-            *p = new;
-        }
-        sums.update_sq += sum_sq(db);
-    }
-    sums
+    fused_one_state(p, g, m, |p, g, m| {
+        let g = prep.apply(g.get());
+        let c = k.b1 * *m + k.one_minus_b1 * g;
+        *m = k.b2 * *m + k.one_minus_b2 * g;
+        p * k.decay - k.lr * sign(c)
+    })
 }

@@ -5,7 +5,7 @@
 //! Bytes per f32 parameter: scan 4 + read `p, g, b` and write `p, b` 20 = 24;
 //! without momentum (no buffer) 4 + 12 = 16.
 
-use crate::backend::reduce::{sum_sq, Sums, BLOCK};
+use crate::backend::reduce::{fused_one_state, sum_sq, Sums, BLOCK};
 use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
@@ -61,25 +61,11 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     g: &[G],
     b: &mut [T],
 ) -> Sums {
-    let mut sums = Sums::default();
-    let mut delta = [T::zero(); BLOCK];
-    for ((pb, gb), bb) in p
-        .chunks_mut(BLOCK)
-        .zip(g.chunks(BLOCK))
-        .zip(b.chunks_mut(BLOCK))
-    {
-        sums.param_sq += sum_sq(pb);
-        let db = &mut delta[..pb.len()];
-        for (((p, g), b), d) in pb.iter_mut().zip(gb).zip(bb.iter_mut()).zip(db.iter_mut()) {
-            let g = prep.apply(g.get()) + k.wd * *p;
-            *b = k.keep * *b + k.take * g;
-            let new = *p - k.lr * (k.g_in_d * g + k.b_in_d * *b);
-            *d = new - *p;
-            *p = new;
-        }
-        sums.update_sq += sum_sq(db);
-    }
-    sums
+    fused_one_state(p, g, b, |p, g, b| {
+        let g = prep.apply(g.get()) + k.wd * p;
+        *b = k.keep * *b + k.take * g;
+        p - k.lr * (k.g_in_d * g + k.b_in_d * *b)
+    })
 }
 
 /// SGD without momentum: reads `p, g`, writes `p`.
