@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::cpu::CHUNK;
-use crate::config::OptimizerConfig;
+use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
 use crate::optim::{bytes_per_param, state_slots, Optimizer};
@@ -144,6 +144,9 @@ fn time_alternating(
     Ok((steps, floors))
 }
 
+/// Columns of the benchmark matrices of matrix optimizers (Muon).
+const MATRIX_COLS: usize = 1024;
+
 /// Consecutive repetitions of the step (then of the floor) in the alternation.
 const RUN: usize = 5;
 
@@ -206,10 +209,21 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     }
     opts.config.validate()?;
     let sizes = sizes(opts.params, opts.tensors);
+    // Matrix optimizers get [n / MATRIX_COLS, MATRIX_COLS] matrices.
+    let matrix = matches!(opts.config.kind, OptimizerKind::Muon(_));
+    if matrix && sizes.iter().any(|n| n % MATRIX_COLS != 0) {
+        return Err(KeelError::config(
+            "bench.params",
+            format!("muon times matrices of {MATRIX_COLS} columns: params / tensors must be a multiple of {MATRIX_COLS}"),
+        ));
+    }
     let specs: Vec<ParamSpec> = sizes
         .iter()
         .enumerate()
-        .map(|(i, &n)| ParamSpec::new(format!("t{i}"), [n]))
+        .map(|(i, &n)| match matrix {
+            true => ParamSpec::new(format!("t{i}"), [n / MATRIX_COLS, MATRIX_COLS]),
+            false => ParamSpec::new(format!("t{i}"), [n]),
+        })
         .collect();
     let params: Vec<Vec<f32>> = sizes
         .iter()

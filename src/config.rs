@@ -179,6 +179,68 @@ pub struct LionConfig {
     pub weight_decay: f64,
 }
 
+/// How Muon scales its orthogonalized update for the matrix shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdjustLr {
+    /// `sqrt(max(1, rows/cols))` (Keller Jordan's original Muon).
+    Original,
+    /// `0.2 * sqrt(max(rows, cols))`, so the update RMS matches AdamW's.
+    MatchRmsAdamw,
+}
+
+/// torch.optim.Muon, for 2-D parameters: momentum (optionally Nesterov),
+/// then the update orthogonalized by `ns_steps` Newton–Schulz iterations,
+/// scaled per [`AdjustLr`], with decoupled weight decay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MuonConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor.
+    #[serde(default = "default_muon_momentum")]
+    pub momentum: f64,
+    /// Nesterov momentum.
+    #[serde(default = "yes")]
+    pub nesterov: bool,
+    /// Decoupled weight decay: `p *= 1 - lr*wd`.
+    #[serde(default = "default_muon_wd")]
+    pub weight_decay: f64,
+    /// Floor of the Frobenius norm the update is divided by.
+    #[serde(default = "default_muon_eps")]
+    pub eps: f64,
+    /// Newton–Schulz iterations.
+    #[serde(default = "default_ns_steps")]
+    pub ns_steps: u32,
+    /// Newton–Schulz polynomial coefficients `[a, b, c]`.
+    #[serde(default = "default_ns_coefficients")]
+    pub ns_coefficients: [f64; 3],
+    /// Shape-dependent scale of the update.
+    #[serde(default = "default_adjust_lr")]
+    pub adjust_lr: AdjustLr,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_muon_momentum() -> f64 {
+    0.95
+}
+fn default_muon_wd() -> f64 {
+    0.1
+}
+fn default_muon_eps() -> f64 {
+    1e-7
+}
+fn default_ns_steps() -> u32 {
+    5
+}
+fn default_ns_coefficients() -> [f64; 3] {
+    [3.4445, -4.775, 2.0315]
+}
+fn default_adjust_lr() -> AdjustLr {
+    AdjustLr::Original
+}
 fn default_beta1() -> f64 {
     0.9
 }
@@ -223,10 +285,12 @@ pub enum OptimizerKind {
     Lars(LarsConfig),
     /// `lion`.
     Lion(LionConfig),
+    /// `muon` (2-D parameters only).
+    Muon(MuonConfig),
 }
 
 /// Every `kind` this build implements.
-pub const KINDS: [&str; 6] = ["sgd", "adam", "adamw", "lamb", "lars", "lion"];
+pub const KINDS: [&str; 7] = ["sgd", "adam", "adamw", "lamb", "lars", "lion", "muon"];
 
 impl OptimizerKind {
     /// The `kind` tag.
@@ -238,6 +302,7 @@ impl OptimizerKind {
             OptimizerKind::Lamb(_) => "lamb",
             OptimizerKind::Lars(_) => "lars",
             OptimizerKind::Lion(_) => "lion",
+            OptimizerKind::Muon(_) => "muon",
         }
     }
 
@@ -250,6 +315,7 @@ impl OptimizerKind {
             OptimizerKind::Lamb(c) => c.lr,
             OptimizerKind::Lars(c) => c.lr,
             OptimizerKind::Lion(c) => c.lr,
+            OptimizerKind::Muon(c) => c.lr,
         }
     }
 
@@ -261,6 +327,7 @@ impl OptimizerKind {
             OptimizerKind::Lamb(c) => &mut c.lr,
             OptimizerKind::Lars(c) => &mut c.lr,
             OptimizerKind::Lion(c) => &mut c.lr,
+            OptimizerKind::Muon(c) => &mut c.lr,
         }
     }
 
@@ -273,6 +340,7 @@ impl OptimizerKind {
             OptimizerKind::Lamb(c) => c.weight_decay,
             OptimizerKind::Lars(c) => c.weight_decay,
             OptimizerKind::Lion(c) => c.weight_decay,
+            OptimizerKind::Muon(c) => c.weight_decay,
         }
     }
 }
@@ -351,6 +419,20 @@ impl OptimizerConfig {
                 unit_interval(&f("beta1"), c.beta1)?;
                 unit_interval(&f("beta2"), c.beta2)?;
                 non_negative(&f("weight_decay"), c.weight_decay)?;
+            }
+            OptimizerKind::Muon(c) => {
+                unit_interval(&f("momentum"), c.momentum)?;
+                non_negative(&f("weight_decay"), c.weight_decay)?;
+                non_negative(&f("eps"), c.eps)?;
+                require(&f("ns_steps"), c.ns_steps as f64, c.ns_steps >= 1, ">= 1")?;
+                for (i, x) in c.ns_coefficients.iter().enumerate() {
+                    require(
+                        &format!("{k}.ns_coefficients[{i}]"),
+                        *x,
+                        x.is_finite(),
+                        "finite",
+                    )?;
+                }
             }
         }
         if let Some(c) = self.clip_global_norm {

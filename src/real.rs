@@ -9,7 +9,9 @@ use num_traits::Float;
 /// once per step. Norms accumulate per block in `Self` and across blocks in
 /// `f64`; a gradient whose squares overflow `Self` is detected and its sums
 /// are redone element by element in `f64`, so it still has a finite norm.
-pub trait Real: Float + Send + Sync + Default + std::fmt::Debug + 'static {
+pub trait Real:
+    Float + faer::traits::RealField + Send + Sync + Default + std::fmt::Debug + 'static
+{
     /// The safetensors dtype name of this type (`F32` or `F64`).
     const DTYPE: &'static str;
     /// Lossless widening to `f64`.

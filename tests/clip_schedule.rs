@@ -511,7 +511,7 @@ fn weight_decay_off_case<T: Real>() {
         let mut want = p0[0].clone();
         for k in 0..3 {
             step(&mut opt, &mut params, &zero);
-            want.iter_mut().for_each(|x| *x = *x * factor);
+            want.iter_mut().for_each(|x| *x *= factor);
             assert!(
                 same_bits(&params[0], &want),
                 "{json} {} step {k}: not p*(1-lr*wd)",

@@ -11,12 +11,12 @@ fn case_dir() -> PathBuf {
 #[test]
 fn every_case_passes_in_f64_and_f32() {
     let results = conformance::run_paths(&[case_dir()]).unwrap();
-    // 9 public cases of the six foundation kinds, two backends each.
-    assert_eq!(results.len(), 18);
+    // 10 public cases of seven kinds, two backends each.
+    assert_eq!(results.len(), 20);
     let kinds: std::collections::BTreeSet<&str> = results.iter().map(|r| r.kind.as_str()).collect();
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
-        ["adam", "adamw", "lamb", "lars", "lion", "sgd"]
+        ["adam", "adamw", "lamb", "lars", "lion", "muon", "sgd"]
     );
     for r in &results {
         assert!(

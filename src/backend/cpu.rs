@@ -15,6 +15,7 @@
 //! and per-chunk sums are added in chunk order: results do not depend on the
 //! number of threads.
 
+use faer::Par;
 use half::bf16;
 use rayon::prelude::*;
 
@@ -22,10 +23,10 @@ use crate::backend::mixed::Rounding;
 use crate::backend::reduce::{dot, run_simd, sum_sq, SimdTask, Sums, BLOCK};
 use crate::checkpoint::{StateData, StateDict, StateTensor};
 use crate::clip::{global_clip_factor, update_clip_factor, GradPrep};
-use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
+use crate::config::{MuonConfig, NonFinitePolicy, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::{assign_groups, ParamGroup};
-use crate::optim::{adam, lars, lion, sgd, state_slots, trust_ratio, Optimizer};
+use crate::optim::{adam, lars, lion, muon, sgd, state_slots, trust_ratio, Optimizer};
 use crate::real::{GradElem, Real};
 use crate::stats::{SkipReason, StepStats, TensorStats};
 use crate::tensor::ParamSpec;
@@ -79,6 +80,18 @@ impl<T: Real> CpuOptimizer<T> {
     ) -> Result<Self> {
         config.validate()?;
         let group_of = assign_groups(&specs, &groups)?;
+        if matches!(config.kind, OptimizerKind::Muon(_)) {
+            if let Some(s) = specs.iter().find(|s| s.shape.len() != 2) {
+                return Err(KeelError::shape(
+                    &s.name,
+                    format!(
+                        "muon updates 2-D matrices only, this parameter has shape {:?}; \
+                         give it to a second optimizer (e.g. adamw)",
+                        s.shape
+                    ),
+                ));
+            }
+        }
         let slots = state_slots(&config.kind).len();
         let state = specs
             .iter()
@@ -123,6 +136,138 @@ impl<T: Real> CpuOptimizer<T> {
     pub fn reset_state(&mut self) {
         for slot in self.state.iter_mut().flatten() {
             slot.fill(T::zero());
+        }
+    }
+
+    /// The fused passes of the elementwise optimizers.
+    #[allow(clippy::too_many_arguments)]
+    fn elementwise_passes<G: GradElem<T>>(
+        specs: &[ParamSpec],
+        kind: &OptimizerKind,
+        chunks: &mut [Chunk<'_, T, G>],
+        n: usize,
+        t: u64,
+        (lr_of, wd_of, trust_on): (&[f64], &[f64], &[bool]),
+        s: f64,
+        scan: &[Scan],
+        prep: GradPrep<T>,
+        (step, rounding): (u64, Option<Rounding>),
+        (trust, uclip): (&mut [Option<f64>], &mut [Option<f64>]),
+    ) -> Vec<Sums> {
+        match kind {
+            OptimizerKind::Sgd(c) => {
+                let k: Vec<sgd::SgdCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        sgd::SgdCoeffs::new(
+                            lr_of[i],
+                            wd_of[i],
+                            c.momentum,
+                            c.dampening,
+                            c.nesterov,
+                            t == 1,
+                        )
+                    })
+                    .collect();
+                if c.momentum == 0.0 {
+                    apply_pass(chunks, n, (step, rounding), &SgdPlain { k: &k, prep })
+                } else {
+                    apply_pass(
+                        &mut *chunks,
+                        n,
+                        (step, rounding),
+                        &SgdMomentum { k: &k, prep },
+                    )
+                }
+            }
+            OptimizerKind::Adam(c) => {
+                let k: Vec<adam::AdamCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
+                        k.l2 = T::from_f64x(wd_of[i]);
+                        k.lr = T::from_f64x(lr_of[i]);
+                        k
+                    })
+                    .collect();
+                apply_pass(chunks, n, (step, rounding), &AdamStep { k: &k, prep })
+            }
+            OptimizerKind::AdamW(c) => {
+                let mut k: Vec<adam::AdamCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
+                        k.decay = T::from_f64x(1.0 - lr_of[i] * wd_of[i]);
+                        k.lr = T::from_f64x(lr_of[i]);
+                        k
+                    })
+                    .collect();
+                match c.update_clip_rms {
+                    None => apply_pass(chunks, n, (step, rounding), &AdamStep { k: &k, prep }),
+                    Some(max_rms) => {
+                        let dir = moment_pass(chunks, n, &AdamMoments { k: &k, prep });
+                        for i in 0..n {
+                            let f =
+                                update_clip_factor(dir[i].direction_sq, specs[i].numel(), max_rms);
+                            uclip[i] = Some(f);
+                            k[i].lr = T::from_f64x(lr_of[i] * f);
+                        }
+                        apply_pass(chunks, n, (step, rounding), &AdamApply { k: &k, prep })
+                    }
+                }
+            }
+            OptimizerKind::Lamb(c) => {
+                let mut k: Vec<adam::AdamCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
+                        k.wd_dir = T::from_f64x(wd_of[i]);
+                        k
+                    })
+                    .collect();
+                let dir = moment_pass(chunks, n, &AdamMomentsWithParams { k: &k, prep });
+                for i in 0..n {
+                    let r = if trust_on[i] {
+                        let r = trust_ratio(
+                            dir[i].param_sq.sqrt(),
+                            dir[i].direction_sq.sqrt(),
+                            1.0,
+                            0.0,
+                        );
+                        trust[i] = Some(r);
+                        r
+                    } else {
+                        1.0
+                    };
+                    k[i].lr = T::from_f64x(lr_of[i] * r);
+                }
+                apply_pass(chunks, n, (step, rounding), &AdamApply { k: &k, prep })
+            }
+            OptimizerKind::Lars(c) => {
+                let k: Vec<lars::LarsCoeffs<T>> = (0..n)
+                    .map(|i| {
+                        let r = if trust_on[i] {
+                            let u = lars::direction_norm(&scan[i].sums, s, wd_of[i]);
+                            let r = trust_ratio(
+                                scan[i].sums.param_sq.sqrt(),
+                                u,
+                                c.trust_coefficient,
+                                c.eps,
+                            );
+                            trust[i] = Some(r);
+                            r
+                        } else {
+                            1.0
+                        };
+                        lars::LarsCoeffs::new(lr_of[i] * r, wd_of[i], c.momentum, c.nesterov)
+                    })
+                    .collect();
+                apply_pass(chunks, n, (step, rounding), &LarsStep { k: &k, prep })
+            }
+            OptimizerKind::Lion(c) => {
+                let k: Vec<lion::LionCoeffs<T>> = (0..n)
+                    .map(|i| lion::LionCoeffs::new(lr_of[i], c.beta1, c.beta2, wd_of[i]))
+                    .collect();
+                apply_pass(chunks, n, (step, rounding), &LionStep { k: &k, prep })
+            }
+            // Handled by `muon_pass`, before any chunks are made.
+            OptimizerKind::Muon(_) => vec![Sums::default(); n],
         }
     }
 
@@ -242,125 +387,35 @@ impl<T: Real> CpuOptimizer<T> {
         let mut uclip = vec![None; n];
         let step = self.step;
         let rounding = out.as_ref().map(|o| o.rounding);
-        let mut chunks = make_chunks(params, grads, &mut self.state, out);
-
-        let sums = match &kind {
-            OptimizerKind::Sgd(c) => {
-                let k: Vec<sgd::SgdCoeffs<T>> = (0..n)
-                    .map(|i| {
-                        sgd::SgdCoeffs::new(
-                            lr_of[i],
-                            wd_of[i],
-                            c.momentum,
-                            c.dampening,
-                            c.nesterov,
-                            t == 1,
-                        )
-                    })
-                    .collect();
-                if c.momentum == 0.0 {
-                    apply_pass(&mut chunks, n, (step, rounding), &SgdPlain { k: &k, prep })
-                } else {
-                    apply_pass(
-                        &mut chunks,
-                        n,
-                        (step, rounding),
-                        &SgdMomentum { k: &k, prep },
-                    )
-                }
-            }
-            OptimizerKind::Adam(c) => {
-                let k: Vec<adam::AdamCoeffs<T>> = (0..n)
-                    .map(|i| {
-                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
-                        k.l2 = T::from_f64x(wd_of[i]);
-                        k.lr = T::from_f64x(lr_of[i]);
-                        k
-                    })
-                    .collect();
-                apply_pass(&mut chunks, n, (step, rounding), &AdamStep { k: &k, prep })
-            }
-            OptimizerKind::AdamW(c) => {
-                let mut k: Vec<adam::AdamCoeffs<T>> = (0..n)
-                    .map(|i| {
-                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
-                        k.decay = T::from_f64x(1.0 - lr_of[i] * wd_of[i]);
-                        k.lr = T::from_f64x(lr_of[i]);
-                        k
-                    })
-                    .collect();
-                match c.update_clip_rms {
-                    None => apply_pass(&mut chunks, n, (step, rounding), &AdamStep { k: &k, prep }),
-                    Some(max_rms) => {
-                        let dir = moment_pass(&mut chunks, n, &AdamMoments { k: &k, prep });
-                        for i in 0..n {
-                            let f = update_clip_factor(
-                                dir[i].direction_sq,
-                                self.specs[i].numel(),
-                                max_rms,
-                            );
-                            uclip[i] = Some(f);
-                            k[i].lr = T::from_f64x(lr_of[i] * f);
-                        }
-                        apply_pass(&mut chunks, n, (step, rounding), &AdamApply { k: &k, prep })
-                    }
-                }
-            }
-            OptimizerKind::Lamb(c) => {
-                let mut k: Vec<adam::AdamCoeffs<T>> = (0..n)
-                    .map(|i| {
-                        let mut k = adam::AdamCoeffs::new(c.beta1, c.beta2, c.eps, t);
-                        k.wd_dir = T::from_f64x(wd_of[i]);
-                        k
-                    })
-                    .collect();
-                let dir = moment_pass(&mut chunks, n, &AdamMomentsWithParams { k: &k, prep });
-                for i in 0..n {
-                    let r = if trust_on[i] {
-                        let r = trust_ratio(
-                            dir[i].param_sq.sqrt(),
-                            dir[i].direction_sq.sqrt(),
-                            1.0,
-                            0.0,
-                        );
-                        trust[i] = Some(r);
-                        r
-                    } else {
-                        1.0
-                    };
-                    k[i].lr = T::from_f64x(lr_of[i] * r);
-                }
-                apply_pass(&mut chunks, n, (step, rounding), &AdamApply { k: &k, prep })
-            }
-            OptimizerKind::Lars(c) => {
-                let k: Vec<lars::LarsCoeffs<T>> = (0..n)
-                    .map(|i| {
-                        let r = if trust_on[i] {
-                            let u = lars::direction_norm(&scan[i].sums, s, wd_of[i]);
-                            let r = trust_ratio(
-                                scan[i].sums.param_sq.sqrt(),
-                                u,
-                                c.trust_coefficient,
-                                c.eps,
-                            );
-                            trust[i] = Some(r);
-                            r
-                        } else {
-                            1.0
-                        };
-                        lars::LarsCoeffs::new(lr_of[i] * r, wd_of[i], c.momentum, c.nesterov)
-                    })
-                    .collect();
-                apply_pass(&mut chunks, n, (step, rounding), &LarsStep { k: &k, prep })
-            }
-            OptimizerKind::Lion(c) => {
-                let k: Vec<lion::LionCoeffs<T>> = (0..n)
-                    .map(|i| lion::LionCoeffs::new(lr_of[i], c.beta1, c.beta2, wd_of[i]))
-                    .collect();
-                apply_pass(&mut chunks, n, (step, rounding), &LionStep { k: &k, prep })
-            }
+        let sums = if let OptimizerKind::Muon(c) = &kind {
+            // Matrix optimizer: whole tensors, in parallel across tensors.
+            muon_pass(
+                c,
+                &self.specs,
+                params,
+                grads,
+                &mut self.state,
+                (&lr_of, &wd_of),
+                &prep,
+                out,
+                step,
+            )
+        } else {
+            let mut chunks = make_chunks(params, grads, &mut self.state, out);
+            Self::elementwise_passes(
+                &self.specs,
+                &kind,
+                &mut chunks,
+                n,
+                t,
+                (&lr_of, &wd_of, &trust_on),
+                s,
+                &scan,
+                prep,
+                (step, rounding),
+                (&mut trust, &mut uclip),
+            )
         };
-        drop(chunks);
         self.step = t;
 
         let tensors = (0..n)
@@ -783,4 +838,51 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
         self.step = sd.step;
         Ok(())
     }
+}
+
+/// Muon's step: each tensor whole (the Newton–Schulz iteration needs the
+/// matrix), tensors in parallel; a lone tensor parallelizes its products.
+#[allow(clippy::too_many_arguments)]
+fn muon_pass<T: Real, G: GradElem<T>>(
+    c: &MuonConfig,
+    specs: &[ParamSpec],
+    params: &mut [&mut [T]],
+    grads: &[&[G]],
+    state: &mut [Vec<Vec<T>>],
+    (lr_of, wd_of): (&[f64], &[f64]),
+    prep: &GradPrep<T>,
+    out: Option<Bf16Out<'_, '_>>,
+    step: u64,
+) -> Vec<Sums> {
+    let par = if specs.len() == 1 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    };
+    let rounding = out.as_ref().map(|o| o.rounding);
+    let mut outs: Vec<Option<&mut [bf16]>> = match out {
+        Some(o) => o.params.iter_mut().map(|b| Some(&mut **b)).collect(),
+        None => (0..params.len()).map(|_| None).collect(),
+    };
+    params
+        .par_iter_mut()
+        .zip(grads.par_iter())
+        .zip(state.par_iter_mut())
+        .zip(outs.par_iter_mut())
+        .enumerate()
+        .map(|(i, (((p, g), st), o))| {
+            let shape = (specs[i].shape[0], specs[i].shape[1]);
+            let b = &mut st[0];
+            let sums = match prep {
+                GradPrep::Scale(pr) => muon::step(c, lr_of[i], wd_of[i], pr, shape, p, g, b, par),
+                GradPrep::ClampScale(pr) => {
+                    muon::step(c, lr_of[i], wd_of[i], pr, shape, p, g, b, par)
+                }
+            };
+            if let (Some(o), Some(r)) = (o.as_deref_mut(), rounding) {
+                r.write(o, p, step, i, 0);
+            }
+            sums
+        })
+        .collect()
 }

@@ -56,7 +56,7 @@ pub(crate) fn sum_sq<T: Real>(x: &[T]) -> f64 {
     let mut it = x.chunks_exact(LANES);
     for c in &mut it {
         for l in 0..LANES {
-            acc[l] = acc[l] + c[l] * c[l];
+            acc[l] += c[l] * c[l];
         }
     }
     let tail: f64 = it
@@ -75,7 +75,7 @@ pub(crate) fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
     let mut ib = b.chunks_exact(LANES);
     for (ca, cb) in (&mut ia).zip(&mut ib) {
         for l in 0..LANES {
-            acc[l] = acc[l] + ca[l] * cb[l];
+            acc[l] += ca[l] * cb[l];
         }
     }
     let tail: f64 = ia

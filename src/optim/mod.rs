@@ -17,6 +17,7 @@ use crate::tensor::ParamSpec;
 pub(crate) mod adam;
 pub(crate) mod lars;
 pub(crate) mod lion;
+pub mod muon;
 pub(crate) mod sgd;
 
 /// One optimizer over named flat parameter buffers, whatever the backend.
@@ -103,6 +104,7 @@ pub fn state_slots(kind: &OptimizerKind) -> &'static [&'static str] {
         }
         OptimizerKind::Lars(_) => &["momentum_buffer"],
         OptimizerKind::Lion(_) => &["exp_avg"],
+        OptimizerKind::Muon(_) => &["momentum_buffer"],
     }
 }
 
@@ -126,6 +128,10 @@ pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) 
         // reads p, m, v and writes p.
         OptimizerKind::AdamW(c) if c.update_clip_rms.is_some() => 1 + 5 + 4,
         OptimizerKind::Lamb(_) => 1 + 6 + 4,
+        // scan g; momentum reads g, b and writes b; Newton–Schulz works on a
+        // copy of the matrix (counted once read, once written); the update
+        // reads p and writes p.
+        OptimizerKind::Muon(_) => 1 + 3 + 2 + 2,
         _ => 1 + minimum / elem,
     };
     (streams * elem, minimum)
