@@ -220,6 +220,100 @@ pub struct MuonConfig {
     pub adjust_lr: AdjustLr,
 }
 
+/// Shampoo's grafting: the per-block norm of this simpler optimizer's
+/// direction is given to Shampoo's direction.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Grafting {
+    /// No grafting: Shampoo's own direction.
+    #[default]
+    None,
+    /// Adagrad: `v += g^2`, direction `m_hat / (sqrt(v) + eps)`.
+    Adagrad {
+        /// Added to the root of the accumulator.
+        #[serde(default = "default_graft_eps")]
+        eps: f64,
+    },
+    /// Adam: `v = beta2*v + (1-beta2)*g^2`, direction
+    /// `m_hat / (sqrt(v / (1-beta2^t)) + eps)`.
+    Adam {
+        /// Second-moment decay.
+        #[serde(default = "default_beta2")]
+        beta2: f64,
+        /// Added to the bias-corrected root.
+        #[serde(default = "default_graft_eps")]
+        eps: f64,
+    },
+}
+
+fn default_graft_eps() -> f64 {
+    1e-10
+}
+
+/// facebookresearch/optimizers `DistributedShampoo` (single device,
+/// root-inverse preconditioners from an f64 eigendecomposition, decoupled
+/// weight decay); `tests/data/conformance/SHAMPOO.md` is the exact algorithm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShampooConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay (0: no momentum).
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    /// Factor decay (1: plain sums).
+    #[serde(default = "default_shampoo_beta2")]
+    pub beta2: f64,
+    /// Added to each factor's diagonal before its inverse root.
+    #[serde(default = "default_shampoo_epsilon")]
+    pub epsilon: f64,
+    /// Decoupled weight decay (not grafted).
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Dims are merged up to and blocked at this size.
+    #[serde(default = "default_max_preconditioner_dim")]
+    pub max_preconditioner_dim: usize,
+    /// Inverse roots are recomputed every this many steps.
+    #[serde(default = "one_u64")]
+    pub precondition_frequency: u64,
+    /// First step that preconditions (-1: `precondition_frequency`).
+    #[serde(default = "minus_one")]
+    pub start_preconditioning_step: i64,
+    /// Bias-correct the first moment and the factors.
+    #[serde(default = "yes")]
+    pub use_bias_correction: bool,
+    /// Grafting.
+    #[serde(default)]
+    pub grafting: Grafting,
+}
+
+impl ShampooConfig {
+    /// The first preconditioning step `S`.
+    pub fn start_step(&self) -> u64 {
+        if self.start_preconditioning_step < 0 {
+            self.precondition_frequency
+        } else {
+            self.start_preconditioning_step as u64
+        }
+    }
+}
+
+fn default_shampoo_beta2() -> f64 {
+    1.0
+}
+fn default_shampoo_epsilon() -> f64 {
+    1e-12
+}
+fn default_max_preconditioner_dim() -> usize {
+    1024
+}
+fn one_u64() -> u64 {
+    1
+}
+fn minus_one() -> i64 {
+    -1
+}
+
 fn yes() -> bool {
     true
 }
@@ -287,10 +381,14 @@ pub enum OptimizerKind {
     Lion(LionConfig),
     /// `muon` (2-D parameters only).
     Muon(MuonConfig),
+    /// `shampoo`.
+    Shampoo(ShampooConfig),
 }
 
 /// Every `kind` this build implements.
-pub const KINDS: [&str; 7] = ["sgd", "adam", "adamw", "lamb", "lars", "lion", "muon"];
+pub const KINDS: [&str; 8] = [
+    "sgd", "adam", "adamw", "lamb", "lars", "lion", "muon", "shampoo",
+];
 
 impl OptimizerKind {
     /// The `kind` tag.
@@ -303,6 +401,7 @@ impl OptimizerKind {
             OptimizerKind::Lars(_) => "lars",
             OptimizerKind::Lion(_) => "lion",
             OptimizerKind::Muon(_) => "muon",
+            OptimizerKind::Shampoo(_) => "shampoo",
         }
     }
 
@@ -316,6 +415,7 @@ impl OptimizerKind {
             OptimizerKind::Lars(c) => c.lr,
             OptimizerKind::Lion(c) => c.lr,
             OptimizerKind::Muon(c) => c.lr,
+            OptimizerKind::Shampoo(c) => c.lr,
         }
     }
 
@@ -328,6 +428,7 @@ impl OptimizerKind {
             OptimizerKind::Lars(c) => &mut c.lr,
             OptimizerKind::Lion(c) => &mut c.lr,
             OptimizerKind::Muon(c) => &mut c.lr,
+            OptimizerKind::Shampoo(c) => &mut c.lr,
         }
     }
 
@@ -341,6 +442,7 @@ impl OptimizerKind {
             OptimizerKind::Lars(c) => c.weight_decay,
             OptimizerKind::Lion(c) => c.weight_decay,
             OptimizerKind::Muon(c) => c.weight_decay,
+            OptimizerKind::Shampoo(c) => c.weight_decay,
         }
     }
 }
@@ -432,6 +534,36 @@ impl OptimizerConfig {
                         x.is_finite(),
                         "finite",
                     )?;
+                }
+            }
+            OptimizerKind::Shampoo(c) => {
+                unit_interval(&f("beta1"), c.beta1)?;
+                require(
+                    &f("beta2"),
+                    c.beta2,
+                    c.beta2 > 0.0 && c.beta2 <= 1.0,
+                    "in (0, 1]",
+                )?;
+                positive(&f("epsilon"), c.epsilon)?;
+                non_negative(&f("weight_decay"), c.weight_decay)?;
+                let d = c.max_preconditioner_dim as f64;
+                require(&f("max_preconditioner_dim"), d, d >= 1.0, ">= 1")?;
+                let freq = c.precondition_frequency as f64;
+                require(&f("precondition_frequency"), freq, freq >= 1.0, ">= 1")?;
+                let start = c.start_preconditioning_step;
+                require(
+                    &f("start_preconditioning_step"),
+                    start as f64,
+                    start == -1 || start >= c.precondition_frequency as i64,
+                    "-1 or >= precondition_frequency",
+                )?;
+                match c.grafting {
+                    Grafting::None => {}
+                    Grafting::Adagrad { eps } => non_negative(&f("grafting.eps"), eps)?,
+                    Grafting::Adam { beta2, eps } => {
+                        unit_interval(&f("grafting.beta2"), beta2)?;
+                        non_negative(&f("grafting.eps"), eps)?;
+                    }
                 }
             }
         }

@@ -57,6 +57,10 @@ pub struct StepStats {
     pub clip_factor: f64,
     /// `Some` when the step changed nothing, with the reason.
     pub skipped: Option<SkipReason>,
+    /// Shampoo inverse roots that could not be recomputed this step (the
+    /// eigendecomposition failed or met a non-finite factor); each kept its
+    /// previous value.
+    pub preconditioner_failures: usize,
     /// One entry per parameter, in registration order.
     pub tensors: Vec<TensorStats>,
 }

@@ -11,12 +11,12 @@ fn case_dir() -> PathBuf {
 #[test]
 fn every_case_passes_in_f64_and_f32() {
     let results = conformance::run_paths(&[case_dir()]).unwrap();
-    // 10 public cases of seven kinds, two backends each.
-    assert_eq!(results.len(), 20);
+    // 12 public cases of eight kinds, two backends each.
+    assert_eq!(results.len(), 24);
     let kinds: std::collections::BTreeSet<&str> = results.iter().map(|r| r.kind.as_str()).collect();
     assert_eq!(
         kinds.into_iter().collect::<Vec<_>>(),
-        ["adam", "adamw", "lamb", "lars", "lion", "muon", "sgd"]
+        ["adam", "adamw", "lamb", "lars", "lion", "muon", "sgd", "shampoo"]
     );
     for r in &results {
         assert!(
@@ -26,7 +26,8 @@ fn every_case_passes_in_f64_and_f32() {
         );
         assert!(r.worst_rel_err.is_finite());
         // f64 must be far tighter than its tolerance, f32 within its own.
-        if r.backend == Backend::CpuF64.name() {
+        // (Shampoo's reference keeps lr in float32: ~1e-8 differences.)
+        if r.backend == Backend::CpuF64.name() && r.kind != "shampoo" {
             assert!(r.worst_rel_err < 1e-12, "{}: {:e}", r.id, r.worst_rel_err);
         }
     }

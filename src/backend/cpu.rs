@@ -23,10 +23,12 @@ use crate::backend::mixed::Rounding;
 use crate::backend::reduce::{dot, run_simd, sum_sq, SimdTask, Sums, BLOCK};
 use crate::checkpoint::{StateData, StateDict, StateTensor};
 use crate::clip::{global_clip_factor, update_clip_factor, GradPrep};
-use crate::config::{MuonConfig, NonFinitePolicy, OptimizerConfig, OptimizerKind};
+use crate::config::{MuonConfig, NonFinitePolicy, OptimizerConfig, OptimizerKind, ShampooConfig};
 use crate::error::{KeelError, Result};
 use crate::group::{assign_groups, ParamGroup};
-use crate::optim::{adam, lars, lion, muon, sgd, state_slots, trust_ratio, Optimizer};
+use crate::optim::{
+    adam, initial_state, lars, lion, muon, sgd, shampoo, state_slots, trust_ratio, Optimizer,
+};
 use crate::real::{GradElem, Real};
 use crate::stats::{SkipReason, StepStats, TensorStats};
 use crate::tensor::ParamSpec;
@@ -92,10 +94,9 @@ impl<T: Real> CpuOptimizer<T> {
                 ));
             }
         }
-        let slots = state_slots(&config.kind).len();
         let state = specs
             .iter()
-            .map(|s| (0..slots).map(|_| vec![T::zero(); s.numel()]).collect())
+            .map(|s| initial_state(&config.kind, s))
             .collect();
         Ok(CpuOptimizer {
             config,
@@ -267,7 +268,7 @@ impl<T: Real> CpuOptimizer<T> {
                 apply_pass(chunks, n, (step, rounding), &LionStep { k: &k, prep })
             }
             // Handled by `muon_pass`, before any chunks are made.
-            OptimizerKind::Muon(_) => vec![Sums::default(); n],
+            OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) => vec![Sums::default(); n],
         }
     }
 
@@ -368,6 +369,7 @@ impl<T: Real> CpuOptimizer<T> {
                 global_grad_norm_clipped: global_norm,
                 clip_factor: 1.0,
                 skipped: Some(SkipReason::NonFiniteGradient { tensors: bad }),
+                preconditioner_failures: 0,
                 tensors,
             });
         }
@@ -387,8 +389,9 @@ impl<T: Real> CpuOptimizer<T> {
         let mut uclip = vec![None; n];
         let step = self.step;
         let rounding = out.as_ref().map(|o| o.rounding);
+        let mut preconditioner_failures = 0;
         let sums = if let OptimizerKind::Muon(c) = &kind {
-            // Matrix optimizer: whole tensors, in parallel across tensors.
+            // Matrix optimizers: whole tensors, in parallel across tensors.
             muon_pass(
                 c,
                 &self.specs,
@@ -400,6 +403,21 @@ impl<T: Real> CpuOptimizer<T> {
                 out,
                 step,
             )
+        } else if let OptimizerKind::Shampoo(c) = &kind {
+            let (sums, failures) = shampoo_pass(
+                c,
+                t,
+                &self.specs,
+                params,
+                grads,
+                &mut self.state,
+                (&lr_of, &wd_of),
+                &prep,
+                out,
+                step,
+            );
+            preconditioner_failures = failures;
+            sums
         } else {
             let mut chunks = make_chunks(params, grads, &mut self.state, out);
             Self::elementwise_passes(
@@ -435,6 +453,7 @@ impl<T: Real> CpuOptimizer<T> {
             global_grad_norm_clipped: global_norm * s,
             clip_factor: s,
             skipped: None,
+            preconditioner_failures,
             tensors,
         })
     }
@@ -787,7 +806,13 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
             for (slot, data) in slots.iter().zip(state) {
                 tensors.push(StateTensor {
                     name: format!("{}/{}", spec.name, slot),
-                    shape: spec.shape.clone(),
+                    // Per-parameter buffers keep the parameter's shape;
+                    // others (Shampoo's factors) are flat.
+                    shape: if data.len() == spec.numel() {
+                        spec.shape.clone()
+                    } else {
+                        vec![data.len()]
+                    },
                     data: StateData::from_slice(data),
                 });
             }
@@ -824,10 +849,11 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
         let slots = state_slots(&sd.config.kind);
         let mut state = Vec::with_capacity(self.specs.len());
         for spec in &self.specs {
+            let fresh: Vec<Vec<T>> = initial_state(&sd.config.kind, spec);
             let mut bufs = Vec::with_capacity(slots.len());
-            for slot in slots {
+            for (slot, like) in slots.iter().zip(&fresh) {
                 let name = format!("{}/{}", spec.name, slot);
-                bufs.push(sd.tensor::<T>(&name, spec.numel())?);
+                bufs.push(sd.tensor::<T>(&name, like.len())?);
             }
             state.push(bufs);
         }
@@ -885,4 +911,53 @@ fn muon_pass<T: Real, G: GradElem<T>>(
             sums
         })
         .collect()
+}
+
+/// Shampoo's step: each tensor whole (its blocks need their factors),
+/// tensors in parallel; a lone tensor parallelizes its products. Returns the
+/// sums and the number of inverse roots that could not be recomputed.
+#[allow(clippy::too_many_arguments)]
+fn shampoo_pass<T: Real, G: GradElem<T>>(
+    c: &ShampooConfig,
+    t: u64,
+    specs: &[ParamSpec],
+    params: &mut [&mut [T]],
+    grads: &[&[G]],
+    state: &mut [Vec<Vec<T>>],
+    (lr_of, wd_of): (&[f64], &[f64]),
+    prep: &GradPrep<T>,
+    out: Option<Bf16Out<'_, '_>>,
+    step: u64,
+) -> (Vec<Sums>, usize) {
+    let par = if specs.len() == 1 {
+        Par::rayon(0)
+    } else {
+        Par::Seq
+    };
+    let rounding = out.as_ref().map(|o| o.rounding);
+    let mut outs: Vec<Option<&mut [bf16]>> = match out {
+        Some(o) => o.params.iter_mut().map(|b| Some(&mut **b)).collect(),
+        None => (0..params.len()).map(|_| None).collect(),
+    };
+    let results: Vec<(Sums, shampoo::ShampooReport)> = params
+        .par_iter_mut()
+        .zip(grads.par_iter())
+        .zip(state.par_iter_mut())
+        .zip(outs.par_iter_mut())
+        .enumerate()
+        .map(|(i, (((p, g), st), o))| {
+            let lw = (lr_of[i], wd_of[i]);
+            let shape = &specs[i].shape;
+            let r = match prep {
+                GradPrep::Scale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st, par),
+                GradPrep::ClampScale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st, par),
+            };
+            if let (Some(o), Some(rounding)) = (o.as_deref_mut(), rounding) {
+                rounding.write(o, p, step, i, 0);
+            }
+            r
+        })
+        .collect();
+    let failures = results.iter().map(|(_, r)| r.root_failures).sum();
+    (results.into_iter().map(|(s, _)| s).collect(), failures)
 }

@@ -19,6 +19,7 @@ pub(crate) mod lars;
 pub(crate) mod lion;
 pub mod muon;
 pub(crate) mod sgd;
+pub mod shampoo;
 
 /// One optimizer over named flat parameter buffers, whatever the backend.
 ///
@@ -105,6 +106,23 @@ pub fn state_slots(kind: &OptimizerKind) -> &'static [&'static str] {
         OptimizerKind::Lars(_) => &["momentum_buffer"],
         OptimizerKind::Lion(_) => &["exp_avg"],
         OptimizerKind::Muon(_) => &["momentum_buffer"],
+        OptimizerKind::Shampoo(_) => &["exp_avg", "graft", "factors", "roots"],
+    }
+}
+
+/// A fresh state for one parameter: one buffer per [`state_slots`] name,
+/// zero (Shampoo's inverse roots start as identities and its factor slots
+/// hold every block's `n x n` matrices, so their lengths differ).
+pub(crate) fn initial_state<T: crate::real::Real>(
+    kind: &OptimizerKind,
+    spec: &ParamSpec,
+) -> Vec<Vec<T>> {
+    match kind {
+        OptimizerKind::Shampoo(c) => shampoo::initial_state(&spec.shape, c.max_preconditioner_dim),
+        _ => state_slots(kind)
+            .iter()
+            .map(|_| vec![T::zero(); spec.numel()])
+            .collect(),
     }
 }
 
@@ -132,6 +150,9 @@ pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) 
         // copy of the matrix (counted once read, once written); the update
         // reads p and writes p.
         OptimizerKind::Muon(_) => 1 + 3 + 2 + 2,
+        // scan g; read p, g, m, v and write p, m, v (factors and roots are
+        // per block, not per parameter).
+        OptimizerKind::Shampoo(_) => 1 + 7,
         _ => 1 + minimum / elem,
     };
     (streams * elem, minimum)

@@ -1,0 +1,180 @@
+//! Shampoo beyond the conformance cases: blocking, checkpoints, robustness,
+//! bad configuration.
+
+use keel::optim::shampoo::merged_dims;
+use keel::{checkpoint, CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec, SkipReason};
+
+fn config(extra: &str) -> OptimizerConfig {
+    OptimizerConfig::from_json(&format!(
+        r#"{{"kind": "shampoo", "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8{extra}}}"#
+    ))
+    .unwrap()
+}
+
+fn values(n: usize, seed: u64) -> Vec<f64> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn dims_merge_as_distributed_shampoo_does() {
+    // The examples of SHAMPOO.md §1.
+    assert_eq!(merged_dims(&[6, 4], 1024), vec![24]);
+    assert_eq!(merged_dims(&[6, 4], 4), vec![6, 4]);
+    assert_eq!(merged_dims(&[1], 1024), vec![1]);
+    assert_eq!(merged_dims(&[1, 1], 8), vec![1]);
+    assert_eq!(merged_dims(&[5, 1, 11], 5), vec![5, 11]);
+    // Walk from the last dim: 4*3 fits in 12, then 2 does not.
+    assert_eq!(merged_dims(&[2, 3, 4], 12), vec![2, 12]);
+    assert_eq!(merged_dims(&[2, 3, 4], 24), vec![24]);
+}
+
+#[test]
+fn blocks_have_the_documented_state_sizes() {
+    // (5, 11) with D = 5: blocks (5,5), (5,5), (5,1): factors 3*25 + 3*25 + 25 + 1.
+    let c = config(r#", "max_preconditioner_dim": 5"#);
+    let opt = CpuOptimizer::<f64>::new(c, vec![ParamSpec::new("w", [5, 11])]).unwrap();
+    assert_eq!(opt.state_buffer(0, "factors").unwrap().len(), 50 + 50 + 26);
+    let roots = opt.state_buffer(0, "roots").unwrap();
+    // Identity roots: the first block's 5x5 factor.
+    for a in 0..5 {
+        for b in 0..5 {
+            assert_eq!(roots[a * 5 + b], if a == b { 1.0 } else { 0.0 });
+        }
+    }
+    assert_eq!(opt.state_buffer(0, "exp_avg").unwrap().len(), 55);
+}
+
+fn run(
+    opt: &mut CpuOptimizer<f32>,
+    p: &mut [Vec<f32>],
+    specs: &[ParamSpec],
+    steps: std::ops::Range<u64>,
+) {
+    for k in steps {
+        let g: Vec<Vec<f32>> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                values(s.numel(), 100 * k + i as u64)
+                    .iter()
+                    .map(|&x| x as f32)
+                    .collect()
+            })
+            .collect();
+        let gr: Vec<&[f32]> = g.iter().map(|x| &x[..]).collect();
+        let mut pr: Vec<&mut [f32]> = p.iter_mut().map(|x| &mut x[..]).collect();
+        opt.step(&mut pr, &gr).unwrap();
+    }
+}
+
+#[test]
+fn checkpoint_resume_is_bit_exact() {
+    let specs = vec![
+        ParamSpec::new("w", [6, 10]),
+        ParamSpec::new("b", [7]),
+        ParamSpec::new("t", [3, 4, 5]),
+    ];
+    for extra in [
+        r#", "max_preconditioner_dim": 4, "precondition_frequency": 2, "start_preconditioning_step": 3, "grafting": {"kind": "adagrad", "eps": 1e-8}"#,
+        r#", "grafting": {"kind": "adam", "beta2": 0.99, "eps": 1e-8}, "weight_decay": 0.01"#,
+        r#", "beta1": 0.0, "beta2": 1.0"#,
+    ] {
+        let init: Vec<Vec<f32>> = specs.iter().map(|s| vec![0.5f32; s.numel()]).collect();
+        let mut straight = init.clone();
+        let mut opt = CpuOptimizer::<f32>::new(config(extra), specs.clone()).unwrap();
+        run(&mut opt, &mut straight, &specs, 0..10);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shampoo.safetensors");
+        let mut resumed = init;
+        let mut first = CpuOptimizer::<f32>::new(config(extra), specs.clone()).unwrap();
+        run(&mut first, &mut resumed, &specs, 0..5);
+        first.save_state(&path).unwrap();
+        let mut second =
+            CpuOptimizer::<f32>::from_state_dict(&checkpoint::load(&path).unwrap()).unwrap();
+        run(&mut second, &mut resumed, &specs, 5..10);
+        for (a, b) in straight.iter().flatten().zip(resumed.iter().flatten()) {
+            assert_eq!(a.to_bits(), b.to_bits(), "{extra}");
+        }
+        assert_eq!(opt.state_dict().unwrap(), second.state_dict().unwrap());
+    }
+}
+
+#[test]
+fn a_nan_gradient_leaves_factors_and_roots_untouched() {
+    let specs = vec![ParamSpec::new("w", [4, 6])];
+    let mut opt = CpuOptimizer::<f64>::new(config(""), specs.clone()).unwrap();
+    let mut p = vec![0.5f64; 24];
+    let g = values(24, 1);
+    opt.step(&mut [&mut p[..]], &[&g[..]]).unwrap();
+    let before = (opt.state_dict().unwrap(), p.clone());
+    let mut bad = values(24, 2);
+    bad[7] = f64::NAN;
+    let stats = opt.step(&mut [&mut p[..]], &[&bad[..]]).unwrap();
+    assert!(matches!(
+        stats.skipped,
+        Some(SkipReason::NonFiniteGradient { .. })
+    ));
+    assert_eq!(opt.state_dict().unwrap(), before.0);
+    assert_eq!(p, before.1);
+}
+
+#[test]
+fn an_overflowing_factor_keeps_the_previous_root_and_is_counted() {
+    // f32 factors overflow on a finite gradient of 1e30: the root cannot be
+    // recomputed, the previous one is kept, and parameters stay finite.
+    let specs = vec![ParamSpec::new("w", [3, 5])];
+    let c = config(r#", "grafting": {"kind": "adam", "beta2": 0.999, "eps": 1e-8}"#);
+    let mut opt = CpuOptimizer::<f32>::new(c, specs).unwrap();
+    let mut p = vec![0.5f32; 15];
+    let g: Vec<f32> = values(15, 3).iter().map(|&x| x as f32).collect();
+    let first = opt.step(&mut [&mut p[..]], &[&g[..]]).unwrap();
+    assert_eq!(first.preconditioner_failures, 0);
+    let roots_before = opt.state_buffer(0, "roots").unwrap().to_vec();
+    let huge: Vec<f32> = g.iter().map(|x| x * 1e30).collect();
+    let stats = opt.step(&mut [&mut p[..]], &[&huge[..]]).unwrap();
+    assert!(stats.preconditioner_failures >= 1, "{stats:?}");
+    assert_eq!(opt.state_buffer(0, "roots").unwrap(), &roots_before[..]);
+    assert!(p.iter().all(|x| x.is_finite()), "{p:?}");
+}
+
+#[test]
+fn bad_shampoo_config_names_the_field() {
+    for (extra, field) in [
+        (
+            r#", "precondition_frequency": 10, "start_preconditioning_step": 3"#,
+            "shampoo.start_preconditioning_step",
+        ),
+        (r#", "beta2": 0.0"#, "shampoo.beta2"),
+        (r#", "beta2": 1.5"#, "shampoo.beta2"),
+        (r#", "epsilon": 0.0"#, "shampoo.epsilon"),
+        (
+            r#", "max_preconditioner_dim": 0"#,
+            "shampoo.max_preconditioner_dim",
+        ),
+        (
+            r#", "precondition_frequency": 0"#,
+            "shampoo.precondition_frequency",
+        ),
+        (
+            r#", "grafting": {"kind": "adam", "beta2": 1.0}"#,
+            "shampoo.grafting.beta2",
+        ),
+        (r#", "grafting": {"kind": "sgd"}"#, "sgd"),
+    ] {
+        let text = format!(r#"{{"kind": "shampoo", "lr": 0.01{extra}}}"#);
+        let msg = match OptimizerConfig::from_json(&text) {
+            Err(e) => e.to_string(),
+            Ok(c) => c.validate().unwrap_err().to_string(),
+        };
+        assert!(msg.contains(field), "{extra}: {msg}");
+    }
+}
