@@ -1,6 +1,9 @@
 //! Muon beyond the conformance case: Newton–Schulz properties, shape errors,
 //! momentum state, checkpoints.
 
+mod common;
+use common::values;
+
 use faer::{Mat, Par};
 use keel::optim::muon::newton_schulz;
 use keel::{checkpoint, CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec};
@@ -10,19 +13,6 @@ const NS: [f64; 3] = [3.4445, -4.775, 2.0315];
 
 fn config(extra: &str) -> OptimizerConfig {
     OptimizerConfig::from_json(&format!(r#"{{"kind": "muon", "lr": 0.02{extra}}}"#)).unwrap()
-}
-
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect()
 }
 
 proptest! {

@@ -1,6 +1,9 @@
 //! Shampoo beyond the conformance cases: blocking, checkpoints, robustness,
 //! bad configuration.
 
+mod common;
+use common::values;
+
 use keel::optim::shampoo::merged_dims;
 use keel::{checkpoint, CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec, SkipReason};
 
@@ -9,18 +12,6 @@ fn config(extra: &str) -> OptimizerConfig {
         r#"{{"kind": "shampoo", "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8{extra}}}"#
     ))
     .unwrap()
-}
-
-fn values(n: usize, seed: u64) -> Vec<f64> {
-    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect()
 }
 
 #[test]

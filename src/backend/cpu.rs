@@ -23,7 +23,7 @@ use crate::backend::mixed::Rounding;
 use crate::backend::reduce::{dot, run_simd, sum_sq, SimdTask, Sums, BLOCK};
 use crate::checkpoint::{StateData, StateDict, StateTensor};
 use crate::clip::{global_clip_factor, update_clip_factor, GradPrep};
-use crate::config::{MuonConfig, NonFinitePolicy, OptimizerConfig, OptimizerKind, ShampooConfig};
+use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::{assign_groups, ParamGroup};
 use crate::optim::{
@@ -391,30 +391,46 @@ impl<T: Real> CpuOptimizer<T> {
         let rounding = out.as_ref().map(|o| o.rounding);
         let mut preconditioner_failures = 0;
         let sums = if let OptimizerKind::Muon(c) = &kind {
-            // Matrix optimizers: whole tensors, in parallel across tensors.
-            muon_pass(
-                c,
-                &self.specs,
+            let specs = &self.specs;
+            let (sums, _) = whole_tensor_pass(
                 params,
                 grads,
                 &mut self.state,
-                (&lr_of, &wd_of),
-                &prep,
                 out,
                 step,
-            )
+                |i, p, g, st, par| {
+                    let shape = (specs[i].shape[0], specs[i].shape[1]);
+                    let (lr, wd) = (lr_of[i], wd_of[i]);
+                    let sums = match &prep {
+                        GradPrep::Scale(pr) => {
+                            muon::step(c, lr, wd, pr, shape, p, g, &mut st[0], par)
+                        }
+                        GradPrep::ClampScale(pr) => {
+                            muon::step(c, lr, wd, pr, shape, p, g, &mut st[0], par)
+                        }
+                    };
+                    (sums, 0)
+                },
+            );
+            sums
         } else if let OptimizerKind::Shampoo(c) = &kind {
-            let (sums, failures) = shampoo_pass(
-                c,
-                t,
-                &self.specs,
+            let specs = &self.specs;
+            let (sums, failures) = whole_tensor_pass(
                 params,
                 grads,
                 &mut self.state,
-                (&lr_of, &wd_of),
-                &prep,
                 out,
                 step,
+                |i, p, g, st, par| {
+                    let (lw, shape) = ((lr_of[i], wd_of[i]), &specs[i].shape[..]);
+                    let (sums, report) = match &prep {
+                        GradPrep::Scale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st, par),
+                        GradPrep::ClampScale(pr) => {
+                            shampoo::step(c, t, lw, pr, shape, p, g, st, par)
+                        }
+                    };
+                    (sums, report.root_failures)
+                },
             );
             preconditioner_failures = failures;
             sums
@@ -866,70 +882,20 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
     }
 }
 
-/// Muon's step: each tensor whole (the Newton–Schulz iteration needs the
-/// matrix), tensors in parallel; a lone tensor parallelizes its products.
-#[allow(clippy::too_many_arguments)]
-fn muon_pass<T: Real, G: GradElem<T>>(
-    c: &MuonConfig,
-    specs: &[ParamSpec],
+/// The step of a matrix optimizer (Muon, Shampoo): each tensor whole (its
+/// math needs the matrix), tensors in parallel; a lone tensor parallelizes
+/// its matrix products instead. `tensor_step(i, p, g, state, par)` updates
+/// tensor `i` and returns its sums and the inverse roots it failed to
+/// recompute; the bf16 copy (mixed precision) is written right after.
+fn whole_tensor_pass<T: Real, G: GradElem<T>>(
     params: &mut [&mut [T]],
     grads: &[&[G]],
     state: &mut [Vec<Vec<T>>],
-    (lr_of, wd_of): (&[f64], &[f64]),
-    prep: &GradPrep<T>,
     out: Option<Bf16Out<'_, '_>>,
     step: u64,
-) -> Vec<Sums> {
-    let par = if specs.len() == 1 {
-        Par::rayon(0)
-    } else {
-        Par::Seq
-    };
-    let rounding = out.as_ref().map(|o| o.rounding);
-    let mut outs: Vec<Option<&mut [bf16]>> = match out {
-        Some(o) => o.params.iter_mut().map(|b| Some(&mut **b)).collect(),
-        None => (0..params.len()).map(|_| None).collect(),
-    };
-    params
-        .par_iter_mut()
-        .zip(grads.par_iter())
-        .zip(state.par_iter_mut())
-        .zip(outs.par_iter_mut())
-        .enumerate()
-        .map(|(i, (((p, g), st), o))| {
-            let shape = (specs[i].shape[0], specs[i].shape[1]);
-            let b = &mut st[0];
-            let sums = match prep {
-                GradPrep::Scale(pr) => muon::step(c, lr_of[i], wd_of[i], pr, shape, p, g, b, par),
-                GradPrep::ClampScale(pr) => {
-                    muon::step(c, lr_of[i], wd_of[i], pr, shape, p, g, b, par)
-                }
-            };
-            if let (Some(o), Some(r)) = (o.as_deref_mut(), rounding) {
-                r.write(o, p, step, i, 0);
-            }
-            sums
-        })
-        .collect()
-}
-
-/// Shampoo's step: each tensor whole (its blocks need their factors),
-/// tensors in parallel; a lone tensor parallelizes its products. Returns the
-/// sums and the number of inverse roots that could not be recomputed.
-#[allow(clippy::too_many_arguments)]
-fn shampoo_pass<T: Real, G: GradElem<T>>(
-    c: &ShampooConfig,
-    t: u64,
-    specs: &[ParamSpec],
-    params: &mut [&mut [T]],
-    grads: &[&[G]],
-    state: &mut [Vec<Vec<T>>],
-    (lr_of, wd_of): (&[f64], &[f64]),
-    prep: &GradPrep<T>,
-    out: Option<Bf16Out<'_, '_>>,
-    step: u64,
+    tensor_step: impl Fn(usize, &mut [T], &[G], &mut [Vec<T>], Par) -> (Sums, usize) + Sync,
 ) -> (Vec<Sums>, usize) {
-    let par = if specs.len() == 1 {
+    let par = if params.len() == 1 {
         Par::rayon(0)
     } else {
         Par::Seq
@@ -939,25 +905,20 @@ fn shampoo_pass<T: Real, G: GradElem<T>>(
         Some(o) => o.params.iter_mut().map(|b| Some(&mut **b)).collect(),
         None => (0..params.len()).map(|_| None).collect(),
     };
-    let results: Vec<(Sums, shampoo::ShampooReport)> = params
+    let results: Vec<(Sums, usize)> = params
         .par_iter_mut()
         .zip(grads.par_iter())
         .zip(state.par_iter_mut())
         .zip(outs.par_iter_mut())
         .enumerate()
         .map(|(i, (((p, g), st), o))| {
-            let lw = (lr_of[i], wd_of[i]);
-            let shape = &specs[i].shape;
-            let r = match prep {
-                GradPrep::Scale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st, par),
-                GradPrep::ClampScale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st, par),
-            };
+            let r = tensor_step(i, p, g, st, par);
             if let (Some(o), Some(rounding)) = (o.as_deref_mut(), rounding) {
                 rounding.write(o, p, step, i, 0);
             }
             r
         })
         .collect();
-    let failures = results.iter().map(|(_, r)| r.root_failures).sum();
+    let failures = results.iter().map(|(_, f)| f).sum();
     (results.into_iter().map(|(s, _)| s).collect(), failures)
 }
