@@ -209,12 +209,19 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     }
     opts.config.validate()?;
     let sizes = sizes(opts.params, opts.tensors);
-    // Matrix optimizers get [n / MATRIX_COLS, MATRIX_COLS] matrices.
-    let matrix = matches!(opts.config.kind, OptimizerKind::Muon(_));
+    // Matrix optimizers get [n / MATRIX_COLS, MATRIX_COLS] matrices (a long
+    // vector would give Shampoo one D x D factor per D elements).
+    let matrix = matches!(
+        opts.config.kind,
+        OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_)
+    );
     if matrix && sizes.iter().any(|n| n % MATRIX_COLS != 0) {
         return Err(KeelError::config(
             "bench.params",
-            format!("muon times matrices of {MATRIX_COLS} columns: params / tensors must be a multiple of {MATRIX_COLS}"),
+            format!(
+                "{} times matrices of {MATRIX_COLS} columns: params / tensors must be a multiple of {MATRIX_COLS}",
+                opts.config.kind.name()
+            ),
         ));
     }
     let specs: Vec<ParamSpec> = sizes
