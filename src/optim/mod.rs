@@ -137,7 +137,11 @@ pub(crate) fn initial_state<T: crate::real::Real>(
 /// assert_eq!(keel::optim::bytes_per_param(&c, 4), (32, 28));
 /// ```
 pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) {
-    let slots = state_slots(&config.kind).len();
+    // Buffers the size of the parameter (Shampoo's factors are per block).
+    let slots = match &config.kind {
+        OptimizerKind::Shampoo(_) => 2,
+        kind => state_slots(kind).len(),
+    };
     let minimum = (2 + slots + 1 + slots) * elem;
     let streams = match &config.kind {
         // scan reads g, and (LARS) p; then one fused pass.
