@@ -1,6 +1,9 @@
 //! Checkpoints resume bit-exactly, for every kind and precision, and broken
 //! files are refused with a message that says why.
 
+mod common;
+use common::Rng;
+
 use std::fs;
 use std::path::Path;
 
@@ -66,31 +69,13 @@ const SCHEDULE: Schedule = Schedule::WarmupCosine {
     final_lr: 0.001,
 };
 
-/// splitmix64: deterministic test data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-    }
-}
-
 fn values<T: Real>(seed: u64, scale: f64) -> Vec<Vec<T>> {
     let mut rng = Rng(seed);
     specs()
         .iter()
         .map(|s| {
             (0..s.numel())
-                .map(|_| T::from_f64x(rng.uniform() * scale))
+                .map(|_| T::from_f64x(rng.uniform(-1.0, 1.0) * scale))
                 .collect()
         })
         .collect()

@@ -1,6 +1,9 @@
 //! Gradient clipping, per-group options, learning-rate schedules and bf16
 //! rounding, each checked against values computed here by hand.
 
+mod common;
+use common::Rng;
+
 use half::bf16;
 use keel::real::Real;
 use keel::{
@@ -10,28 +13,6 @@ use keel::{
 
 fn parse(json: &str) -> OptimizerConfig {
     OptimizerConfig::from_json(json).unwrap_or_else(|e| panic!("{json}: {e}"))
-}
-
-/// splitmix64: deterministic test data without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [lo, hi).
-    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
-        lo + (hi - lo) * ((self.next() >> 11) as f64 / (1u64 << 53) as f64)
-    }
-
-    fn vec<T: Real>(&mut self, n: usize, lo: f64, hi: f64) -> Vec<T> {
-        (0..n).map(|_| T::from_f64x(self.uniform(lo, hi))).collect()
-    }
 }
 
 fn specs(sizes: &[usize]) -> Vec<ParamSpec> {
