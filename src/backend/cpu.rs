@@ -421,13 +421,11 @@ impl<T: Real> CpuOptimizer<T> {
                 &mut self.state,
                 out,
                 step,
-                |i, p, g, st, par| {
+                |i, p, g, st, _| {
                     let (lw, shape) = ((lr_of[i], wd_of[i]), &specs[i].shape[..]);
                     let (sums, report) = match &prep {
-                        GradPrep::Scale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st, par),
-                        GradPrep::ClampScale(pr) => {
-                            shampoo::step(c, t, lw, pr, shape, p, g, st, par)
-                        }
+                        GradPrep::Scale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st),
+                        GradPrep::ClampScale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st),
                     };
                     (sums, report.root_failures)
                 },

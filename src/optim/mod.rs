@@ -16,6 +16,7 @@ use crate::tensor::ParamSpec;
 
 pub(crate) mod adam;
 pub(crate) mod lars;
+pub(crate) mod linalg;
 pub(crate) mod lion;
 pub mod muon;
 pub(crate) mod sgd;

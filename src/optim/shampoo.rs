@@ -12,8 +12,10 @@
 //! State per tensor: `exp_avg` and `graft` (the tensor's size), `factors` and
 //! `roots` (every block's `n_j x n_j` matrices, concatenated in block order).
 
-use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par, Side};
+use faer::{Mat, MatRef};
+use rayon::prelude::*;
+
+use super::linalg;
 
 use crate::backend::reduce::Sums;
 use crate::clip::GradTransform;
@@ -45,12 +47,60 @@ pub fn merged_dims(shape: &[usize], max_dim: usize) -> Vec<usize> {
     out
 }
 
-/// One block: its dims and the flat tensor index of each of its elements in
-/// row-major block order.
+/// One block: its dims, the flat index of its first element and the
+/// tensor strides of its dims (the last dim is contiguous), so its elements
+/// are runs of `dims[k-1]` contiguous values.
 #[derive(Debug, Clone)]
 pub(crate) struct Block {
     pub dims: Vec<usize>,
-    pub index: Vec<usize>,
+    start: usize,
+    strides: Vec<usize>,
+}
+
+impl Block {
+    /// Number of elements.
+    fn numel(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Flat tensor index of the first element of each contiguous run, in
+    /// row-major block order.
+    fn runs(&self) -> impl Iterator<Item = usize> + '_ {
+        let k = self.dims.len();
+        let count: usize = self.dims[..k - 1].iter().product();
+        (0..count).map(move |r| {
+            let mut rem = r;
+            let mut flat = self.start;
+            for j in (0..k - 1).rev() {
+                flat += (rem % self.dims[j]) * self.strides[j];
+                rem /= self.dims[j];
+            }
+            flat
+        })
+    }
+
+    /// Copies the block's elements of `x` out, in row-major block order.
+    fn gather<A: Copy, B>(&self, x: &[A], f: impl Fn(A) -> B) -> Vec<B> {
+        let len = self.dims[self.dims.len() - 1];
+        let mut out = Vec::with_capacity(self.numel());
+        for at in self.runs() {
+            out.extend(x[at..at + len].iter().map(|&v| f(v)));
+        }
+        out
+    }
+
+    /// Writes `values` (row-major block order) back into `x`.
+    fn scatter<A: Copy>(&self, x: &mut [A], values: &[A]) {
+        let len = self.dims[self.dims.len() - 1];
+        for (r, at) in self.runs().enumerate() {
+            x[at..at + len].copy_from_slice(&values[r * len..(r + 1) * len]);
+        }
+    }
+
+    /// Length of the block's factors (and roots): `sum_j n_j^2`.
+    fn factor_len(&self) -> usize {
+        self.dims.iter().map(|d| d * d).sum()
+    }
 }
 
 /// The blocks of a parameter (SHAMPOO.md §1.2), in row-major block order.
@@ -63,40 +113,27 @@ pub(crate) fn blocks(shape: &[usize], max_dim: usize) -> Vec<Block> {
     }
     let counts: Vec<usize> = merged.iter().map(|&d| d.div_ceil(max_dim)).collect();
     let total: usize = counts.iter().product();
-    let mut out = Vec::with_capacity(total);
-    for b in 0..total {
-        // Block coordinates, row-major over `counts`.
-        let mut rem = b;
-        let mut start = vec![0usize; k];
-        for j in (0..k).rev() {
-            start[j] = (rem % counts[j]) * max_dim;
-            rem /= counts[j];
-        }
-        let dims: Vec<usize> = (0..k)
-            .map(|j| (merged[j] - start[j]).min(max_dim))
-            .collect();
-        let n: usize = dims.iter().product();
-        let mut index = Vec::with_capacity(n);
-        for e in 0..n {
-            let mut rem = e;
-            let mut flat = 0;
+    (0..total)
+        .map(|b| {
+            // Block coordinates, row-major over `counts`.
+            let mut rem = b;
+            let mut corner = vec![0usize; k];
             for j in (0..k).rev() {
-                flat += (start[j] + rem % dims[j]) * strides[j];
-                rem /= dims[j];
+                corner[j] = (rem % counts[j]) * max_dim;
+                rem /= counts[j];
             }
-            index.push(flat);
-        }
-        out.push(Block { dims, index });
-    }
-    out
+            Block {
+                dims: (0..k).map(|j| (merged[j] - corner[j]).min(max_dim)).collect(),
+                start: (0..k).map(|j| corner[j] * strides[j]).sum(),
+                strides: strides.clone(),
+            }
+        })
+        .collect()
 }
 
 /// Length of the `factors` (and `roots`) slot of a parameter.
 pub(crate) fn factor_len(shape: &[usize], max_dim: usize) -> usize {
-    blocks(shape, max_dim)
-        .iter()
-        .map(|b| b.dims.iter().map(|d| d * d).sum::<usize>())
-        .sum()
+    blocks(shape, max_dim).iter().map(Block::factor_len).sum()
 }
 
 /// Initial state of a parameter: zero moments and factors, identity roots.
@@ -122,29 +159,6 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], max_dim: usize) -> Vec<Vec
     ]
 }
 
-/// `(outer, inner)` sizes around mode `j` of a row-major block.
-fn around(dims: &[usize], j: usize) -> (usize, usize) {
-    (dims[..j].iter().product(), dims[j + 1..].iter().product())
-}
-
-/// `y = x x_j p` (mode-j product): for each outer slice, `Y_o = P X_o` with
-/// `X_o` the `n_j x inner` row-major slice.
-fn mode_product(x: &[f64], dims: &[usize], j: usize, p: MatRef<'_, f64>, par: Par) -> Vec<f64> {
-    let (outer, inner) = around(dims, j);
-    let n = dims[j];
-    let mut y = vec![0.0; x.len()];
-    for o in 0..outer {
-        let xo = MatRef::from_row_major_slice(&x[o * n * inner..(o + 1) * n * inner], n, inner);
-        let mut yo = Mat::<f64>::zeros(n, inner);
-        matmul(&mut yo, Accum::Replace, p, xo, 1.0, par);
-        for a in 0..n {
-            for i in 0..inner {
-                y[(o * n + a) * inner + i] = yo[(a, i)];
-            }
-        }
-    }
-    y
-}
 
 /// What one tensor's step reports besides its norms.
 #[derive(Debug, Default, Clone, Copy)]
@@ -154,8 +168,18 @@ pub(crate) struct ShampooReport {
     pub root_failures: usize,
 }
 
+/// One block's new values, written back by [`step`].
+struct BlockOut<T> {
+    param: Vec<T>,
+    exp_avg: Vec<T>,
+    graft: Vec<T>,
+    sums: Sums,
+    root_failures: usize,
+}
+
 /// One Shampoo step of one tensor (`t` is the 1-based step). Reads and writes
-/// `p` and the four state slots.
+/// `p` and the four state slots. Blocks run in parallel (rayon); each block's
+/// matrix work is GEMMs in `T` and f64 eigendecompositions.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     c: &ShampooConfig,
@@ -166,180 +190,199 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     p: &mut [T],
     g: &[G],
     state: &mut [Vec<T>],
-    par: Par,
 ) -> (Sums, ShampooReport) {
-    let s = c.start_step();
-    let amortize = t == s || (t > s && t % c.precondition_frequency == 0);
-    let graft_only = t < s && c.grafting != Grafting::None;
+    let blocks = blocks(shape, c.max_preconditioner_dim);
+    // Each block owns a disjoint range of the factor and root slots.
+    let (moments, matrices) = state.split_at_mut(FACTORS);
+    let (factors, roots) = matrices.split_at_mut(ROOTS - FACTORS);
+    let mut factor_chunks = Vec::with_capacity(blocks.len());
+    let mut root_chunks = Vec::with_capacity(blocks.len());
+    let (mut f_rest, mut r_rest) = (&mut factors[0][..], &mut roots[0][..]);
+    for b in &blocks {
+        let (f, fr) = f_rest.split_at_mut(b.factor_len());
+        let (r, rr) = r_rest.split_at_mut(b.factor_len());
+        factor_chunks.push(f);
+        root_chunks.push(r);
+        (f_rest, r_rest) = (fr, rr);
+    }
+    let (p_in, m_in, v_in) = (&*p, &moments[M][..], &moments[V][..]);
+    let outs: Vec<BlockOut<T>> = blocks
+        .par_iter()
+        .zip(factor_chunks.into_par_iter())
+        .zip(root_chunks.into_par_iter())
+        .map(|((block, l), r)| {
+            let gb = block.gather(g, |x| prep.apply(x.get()));
+            let wb = block.gather(p_in, |x| x);
+            let mb = block.gather(m_in, |x| x);
+            let vb = block.gather(v_in, |x| x);
+            block_step(c, t, (lr, wd), block, &gb, wb, mb, vb, l, r)
+        })
+        .collect();
     let mut sums = Sums::default();
     let mut report = ShampooReport::default();
-    let mut offset = 0;
-    for block in blocks(shape, c.max_preconditioner_dim) {
-        let k = block.dims.len();
-        let gb: Vec<f64> = block
-            .index
-            .iter()
-            .map(|&i| prep.apply(g[i].get()).to_f64x())
-            .collect();
-        let wb: Vec<f64> = block.index.iter().map(|&i| p[i].to_f64x()).collect();
-
-        // (E1) factors, from the raw gradient.
-        let w = if c.beta2 == 1.0 { 1.0 } else { 1.0 - c.beta2 };
-        let mut factor_at = offset;
-        let mut roots: Vec<Mat<f64>> = Vec::with_capacity(k);
-        for j in 0..k {
-            let n = block.dims[j];
-            let (outer, inner) = around(&block.dims, j);
-            let mut gram = Mat::<f64>::zeros(n, n);
-            for o in 0..outer {
-                let xo =
-                    MatRef::from_row_major_slice(&gb[o * n * inner..(o + 1) * n * inner], n, inner);
-                matmul(&mut gram, Accum::Add, xo, xo.transpose(), 1.0, par);
-            }
-            let l = &mut state[FACTORS][factor_at..factor_at + n * n];
-            for a in 0..n {
-                for b in 0..n {
-                    let old = l[a * n + b].to_f64x();
-                    let new = if c.beta2 == 1.0 {
-                        old + gram[(a, b)]
-                    } else {
-                        c.beta2 * old + w * gram[(a, b)]
-                    };
-                    l[a * n + b] = T::from_f64x(new);
-                }
-            }
-            // (E2)-(E4) inverse root, when amortizing.
-            if amortize {
-                let c2 = if c.use_bias_correction && c.beta2 < 1.0 {
-                    1.0 - c.beta2.powf(t as f64)
-                } else {
-                    1.0
-                };
-                let a_mat = Mat::<f64>::from_fn(n, n, |a, b| {
-                    l[a * n + b].to_f64x() / c2 + if a == b { c.epsilon } else { 0.0 }
-                });
-                match inverse_root(&a_mat, c.epsilon, 2 * k) {
-                    Some(root) => {
-                        let r = &mut state[ROOTS][factor_at..factor_at + n * n];
-                        for a in 0..n {
-                            for b in 0..n {
-                                r[a * n + b] = T::from_f64x(root[(a, b)]);
-                            }
-                        }
-                    }
-                    None => report.root_failures += 1,
-                }
-            }
-            let r = &state[ROOTS][factor_at..factor_at + n * n];
-            roots.push(Mat::<f64>::from_fn(n, n, |a, b| r[a * n + b].to_f64x()));
-            factor_at += n * n;
-        }
-        offset = factor_at;
-
-        // (E3) graft accumulator, (E5) first moment.
-        let mut g_hat = Vec::with_capacity(gb.len());
-        for (e, &i) in block.index.iter().enumerate() {
-            let gi = gb[e];
-            let v = state[V][i].to_f64x();
-            let v = match c.grafting {
-                Grafting::None => v,
-                Grafting::Adagrad { .. } => v + gi * gi,
-                Grafting::Adam { beta2, .. } => beta2 * v + (1.0 - beta2) * gi * gi,
-            };
-            state[V][i] = T::from_f64x(v);
-            if c.beta1 == 0.0 {
-                g_hat.push(gi);
-            } else {
-                let m = c.beta1 * state[M][i].to_f64x() + (1.0 - c.beta1) * gi;
-                state[M][i] = T::from_f64x(m);
-                let bc1 = if c.use_bias_correction {
-                    1.0 - c.beta1.powf(t as f64)
-                } else {
-                    1.0
-                };
-                g_hat.push(m / bc1);
-            }
-        }
-        // (E6) graft direction.
-        let graft: Option<Vec<f64>> = match c.grafting {
-            Grafting::None => None,
-            Grafting::Adagrad { eps } => Some(
-                block
-                    .index
-                    .iter()
-                    .zip(&g_hat)
-                    .map(|(&i, gh)| gh / (state[V][i].to_f64x().sqrt() + eps))
-                    .collect(),
-            ),
-            Grafting::Adam { beta2, eps } => {
-                let bc2 = 1.0 - beta2.powf(t as f64);
-                Some(
-                    block
-                        .index
-                        .iter()
-                        .zip(&g_hat)
-                        .map(|(&i, gh)| gh / ((state[V][i].to_f64x() / bc2).sqrt() + eps))
-                        .collect(),
-                )
-            }
-        };
-        // (E7)-(E8) direction.
-        let mut delta = match (&graft, graft_only) {
-            (Some(dg), true) => dg.clone(),
-            _ => {
-                let mut d = g_hat;
-                for (j, root) in roots.iter().enumerate() {
-                    d = mode_product(&d, &block.dims, j, root.as_ref(), par);
-                }
-                if let Some(dg) = &graft {
-                    let norm = |x: &[f64]| x.iter().map(|v| v * v).sum::<f64>().sqrt();
-                    let scale = norm(dg) / (norm(&d) + 1e-16);
-                    d.iter_mut().for_each(|x| *x *= scale);
-                }
-                d
-            }
-        };
-        // (E9)-(E10) decoupled weight decay and the update.
-        for ((d, &wi), &i) in delta.iter_mut().zip(&wb).zip(&block.index) {
-            *d += wd * wi;
-            let new = T::from_f64x(wi - lr * *d);
-            let change = (new - p[i]).to_f64x();
-            sums.param_sq += wi * wi;
-            sums.update_sq += change * change;
-            p[i] = new;
-        }
+    for (block, out) in blocks.iter().zip(outs) {
+        block.scatter(p, &out.param);
+        block.scatter(&mut moments[M], &out.exp_avg);
+        block.scatter(&mut moments[V], &out.graft);
+        sums.param_sq += out.sums.param_sq;
+        sums.update_sq += out.sums.update_sq;
+        report.root_failures += out.root_failures;
     }
     (sums, report)
 }
 
-/// `Q diag(mu^(-1/r)) Q^T` of a symmetric `a` (after the epsilon shift of
-/// SHAMPOO.md E3), or `None` when the eigendecomposition fails or is not finite.
-fn inverse_root(a: &Mat<f64>, epsilon: f64, r: usize) -> Option<Mat<f64>> {
-    let n = a.nrows();
-    if (0..n).any(|i| (0..n).any(|j| !a[(i, j)].is_finite())) {
-        return None;
+/// SHAMPOO.md (E1)-(E10) for one block: `gb` is the (clipped) gradient, `wb`,
+/// `mb`, `vb` the block's parameters, first moment and graft accumulator;
+/// `l` and `r` its factors and roots (updated in place).
+#[allow(clippy::too_many_arguments)]
+fn block_step<T: Real>(
+    c: &ShampooConfig,
+    t: u64,
+    (lr, wd): (f64, f64),
+    block: &Block,
+    gb: &[T],
+    mut wb: Vec<T>,
+    mut mb: Vec<T>,
+    mut vb: Vec<T>,
+    l: &mut [T],
+    r: &mut [T],
+) -> BlockOut<T> {
+    let s = c.start_step();
+    let amortize = t == s || (t > s && t % c.precondition_frequency == 0);
+    let graft_only = t < s && c.grafting != Grafting::None;
+    let dims = &block.dims;
+
+    // (E1) factors, from the raw gradient; (E2)-(E4) their inverse roots when
+    // amortizing, each factor independent of the others.
+    let weight = T::from_f64x(if c.beta2 == 1.0 { 1.0 } else { 1.0 - c.beta2 });
+    let mut factor_of: Vec<(&mut [T], &mut [T])> = Vec::with_capacity(dims.len());
+    let (mut l_rest, mut r_rest) = (l, r);
+    for &n in dims {
+        let (lj, lr_) = l_rest.split_at_mut(n * n);
+        let (rj, rr) = r_rest.split_at_mut(n * n);
+        factor_of.push((lj, rj));
+        (l_rest, r_rest) = (lr_, rr);
     }
-    let eig = a.self_adjoint_eigen(Side::Lower).ok()?;
-    let q = eig.U();
-    let mu: Vec<f64> = (0..n).map(|i| eig.S().column_vector()[i]).collect();
-    let min = mu.iter().copied().fold(f64::INFINITY, f64::min);
+    let bias2 = if c.use_bias_correction && c.beta2 < 1.0 {
+        1.0 - c.beta2.powf(t as f64)
+    } else {
+        1.0
+    };
+    let root_failures: usize = factor_of
+        .par_iter_mut()
+        .enumerate()
+        .map(|(j, (lj, rj))| {
+            if c.beta2 != 1.0 {
+                let beta2 = T::from_f64x(c.beta2);
+                lj.iter_mut().for_each(|x| *x = *x * beta2);
+            }
+            linalg::mode_gram_add(lj, gb, dims, j, weight);
+            if !amortize {
+                return 0;
+            }
+            let n = dims[j];
+            let a = Mat::<f64>::from_fn(n, n, |a, b| {
+                lj[a * n + b].to_f64x() / bias2 + if a == b { c.epsilon } else { 0.0 }
+            });
+            usize::from(!inverse_root(a.as_ref(), c.epsilon, 2 * dims.len(), rj))
+        })
+        .sum();
+
+    // (E3) graft accumulator, (E5) first moment.
+    let one = T::one();
+    let bc1 = T::from_f64x(if c.use_bias_correction {
+        1.0 - c.beta1.powf(t as f64)
+    } else {
+        1.0
+    });
+    let beta1 = T::from_f64x(c.beta1);
+    let mut g_hat = Vec::with_capacity(gb.len());
+    for ((&gi, v), m) in gb.iter().zip(vb.iter_mut()).zip(mb.iter_mut()) {
+        match c.grafting {
+            Grafting::None => {}
+            Grafting::Adagrad { .. } => *v = *v + gi * gi,
+            Grafting::Adam { beta2, .. } => {
+                let b2 = T::from_f64x(beta2);
+                *v = b2 * *v + (one - b2) * gi * gi;
+            }
+        }
+        if c.beta1 == 0.0 {
+            g_hat.push(gi);
+        } else {
+            *m = beta1 * *m + (one - beta1) * gi;
+            g_hat.push(*m / bc1);
+        }
+    }
+    // (E6) graft direction.
+    let graft: Option<Vec<T>> = match c.grafting {
+        Grafting::None => None,
+        Grafting::Adagrad { eps } => {
+            let eps = T::from_f64x(eps);
+            Some(g_hat.iter().zip(&vb).map(|(&gh, &v)| gh / (v.sqrt() + eps)).collect())
+        }
+        Grafting::Adam { beta2, eps } => {
+            let bc2 = T::from_f64x(1.0 - beta2.powf(t as f64));
+            let eps = T::from_f64x(eps);
+            Some(
+                g_hat
+                    .iter()
+                    .zip(&vb)
+                    .map(|(&gh, &v)| gh / ((v / bc2).sqrt() + eps))
+                    .collect(),
+            )
+        }
+    };
+    // (E7)-(E8) direction.
+    let delta = match (graft, graft_only) {
+        (Some(dg), true) => dg,
+        (graft, _) => {
+            let mut d = g_hat;
+            let mut scratch = vec![T::zero(); d.len()];
+            for (j, (_, rj)) in factor_of.iter().enumerate() {
+                let n = dims[j];
+                linalg::mode_product(&mut scratch, &d, dims, j, linalg::view(rj, n, n));
+                std::mem::swap(&mut d, &mut scratch);
+            }
+            if let Some(dg) = graft {
+                let norm = |x: &[T]| x.iter().map(|v| v.to_f64x() * v.to_f64x()).sum::<f64>().sqrt();
+                let scale = T::from_f64x(norm(&dg) / (norm(&d) + 1e-16));
+                d.iter_mut().for_each(|x| *x = *x * scale);
+            }
+            d
+        }
+    };
+    // (E9)-(E10) decoupled weight decay and the update.
+    let (lr, wd) = (T::from_f64x(lr), T::from_f64x(wd));
+    let mut sums = Sums::default();
+    for (w, &d) in wb.iter_mut().zip(&delta) {
+        let old = *w;
+        *w = old - lr * (d + wd * old);
+        let change = (*w - old).to_f64x();
+        sums.param_sq += old.to_f64x() * old.to_f64x();
+        sums.update_sq += change * change;
+    }
+    BlockOut {
+        param: wb,
+        exp_avg: mb,
+        graft: vb,
+        sums,
+        root_failures,
+    }
+}
+
+/// Writes `Q diag((mu + shift)^(-1/r)) Q^T` of the symmetric `a` (after the
+/// epsilon shift of SHAMPOO.md E3) into `root`; `false`, leaving `root` as it
+/// was, when the eigendecomposition fails or a value is not finite.
+fn inverse_root<T: Real>(a: MatRef<'_, f64>, epsilon: f64, r: usize, root: &mut [T]) -> bool {
+    let Some(eig) = linalg::sym_eigen(a) else {
+        return false;
+    };
+    let min = eig.values.iter().copied().fold(f64::INFINITY, f64::min);
     let shift = if min < epsilon { epsilon - min } else { 0.0 };
-    let scale: Vec<f64> = mu
-        .iter()
-        .map(|m| (m + shift).powf(-1.0 / r as f64))
-        .collect();
-    let q_scaled = Mat::<f64>::from_fn(n, n, |a, i| q[(a, i)] * scale[i]);
-    let mut root = Mat::<f64>::zeros(n, n);
-    matmul(
-        &mut root,
-        Accum::Replace,
-        &q_scaled,
-        q.transpose(),
-        1.0,
-        Par::Seq,
-    );
-    if (0..n).any(|i| (0..n).any(|j| !root[(i, j)].is_finite())) {
-        return None;
+    let mut fresh = vec![T::zero(); root.len()];
+    if !linalg::spectral_apply(&eig, |m| (m + shift).powf(-1.0 / r as f64), &mut fresh) {
+        return false;
     }
-    Some(root)
+    root.copy_from_slice(&fresh);
+    true
 }

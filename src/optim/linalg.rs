@@ -1,0 +1,120 @@
+//! Dense linear algebra shared by the matrix optimizers (Muon, Shampoo,
+//! SOAP), all through faer: row-major views of flat state buffers, Gram
+//! matrices accumulated by GEMM, and f64 symmetric eigendecompositions.
+//!
+//! Each call runs sequentially (`Par::Seq`): the optimizers parallelize over
+//! blocks and tensors instead, which keeps both cores busy on the many
+//! mid-sized matrices of an LLM where faer's internal parallelism does not
+//! pay (a 1024 x 1024 eigendecomposition was slower on two threads than on
+//! one on the development machine).
+
+use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::linalg::evd::{self, ComputeEigenvectors};
+use faer::linalg::matmul::matmul;
+use faer::{Accum, Mat, MatMut, MatRef, Par};
+
+use crate::real::Real;
+
+/// Row-major `rows x cols` view of a flat buffer.
+pub(crate) fn view<T: Real>(x: &[T], rows: usize, cols: usize) -> MatRef<'_, T> {
+    MatRef::from_row_major_slice(x, rows, cols)
+}
+
+/// Mutable row-major `rows x cols` view of a flat buffer.
+pub(crate) fn view_mut<T: Real>(x: &mut [T], rows: usize, cols: usize) -> MatMut<'_, T> {
+    MatMut::from_row_major_slice_mut(x, rows, cols)
+}
+
+/// The mode-`j` geometry of a row-major tensor with `dims`: `(outer, n, inner)`.
+pub(crate) fn around(dims: &[usize], j: usize) -> (usize, usize, usize) {
+    (
+        dims[..j].iter().product(),
+        dims[j],
+        dims[j + 1..].iter().product(),
+    )
+}
+
+/// `gram += alpha * sum_o X_o X_o^T` where `X_o` is the `n x inner` mode-`j`
+/// slice `o` of `x` (so `gram` is `n x n`, row-major). The last mode is one
+/// GEMM (`X^T X` of the `outer x n` matrix), the first mode one GEMM too.
+pub(crate) fn mode_gram_add<T: Real>(gram: &mut [T], x: &[T], dims: &[usize], j: usize, alpha: T) {
+    let (outer, n, inner) = around(dims, j);
+    let mut g = view_mut(gram, n, n);
+    if inner == 1 {
+        let xm = view(x, outer, n);
+        matmul(g, Accum::Add, xm.transpose(), xm, alpha, Par::Seq);
+        return;
+    }
+    for o in 0..outer {
+        let xo = view(&x[o * n * inner..(o + 1) * n * inner], n, inner);
+        matmul(g.as_mut(), Accum::Add, xo, xo.transpose(), alpha, Par::Seq);
+    }
+}
+
+/// `y = x x_j p`: every mode-`j` fibre of `x` multiplied by the `n x n`
+/// matrix `p` (`Y_o = P X_o` per slice; the last mode is `Y = X P^T`, one
+/// GEMM). `y` must have `x`'s length.
+pub(crate) fn mode_product<T: Real>(y: &mut [T], x: &[T], dims: &[usize], j: usize, p: MatRef<'_, T>) {
+    let (outer, n, inner) = around(dims, j);
+    if inner == 1 {
+        let ym = view_mut(y, outer, n);
+        matmul(ym, Accum::Replace, view(x, outer, n), p.transpose(), T::one(), Par::Seq);
+        return;
+    }
+    for o in 0..outer {
+        let range = o * n * inner..(o + 1) * n * inner;
+        let xo = view(&x[range.clone()], n, inner);
+        let yo = view_mut(&mut y[range], n, inner);
+        matmul(yo, Accum::Replace, p, xo, T::one(), Par::Seq);
+    }
+}
+
+/// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix.
+pub(crate) struct SymEigen {
+    /// Eigenvalues, ascending.
+    pub values: Vec<f64>,
+    /// Orthonormal eigenvectors, one per column, in the order of `values`.
+    pub vectors: Mat<f64>,
+}
+
+/// The f64 eigendecomposition of the symmetric `a` (its lower triangle is
+/// read), or `None` when `a` has a non-finite entry or the solver fails.
+pub(crate) fn sym_eigen(a: MatRef<'_, f64>) -> Option<SymEigen> {
+    let n = a.nrows();
+    if (0..n).any(|j| (j..n).any(|i| !a[(i, j)].is_finite())) {
+        return None;
+    }
+    let mut vectors = Mat::<f64>::zeros(n, n);
+    let mut values = faer::diag::Diag::<f64>::zeros(n);
+    let scratch =
+        evd::self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, Par::Seq, Default::default());
+    let mut buffer = MemBuffer::new(scratch);
+    evd::self_adjoint_evd(
+        a,
+        values.as_mut(),
+        Some(vectors.as_mut()),
+        Par::Seq,
+        MemStack::new(&mut buffer),
+        Default::default(),
+    )
+    .ok()?;
+    let values: Vec<f64> = (0..n).map(|i| values[i]).collect();
+    if values.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    Some(SymEigen { values, vectors })
+}
+
+/// `Q diag(f(mu)) Q^T` in precision `T`, written row-major into `out`
+/// (`n x n`); `false` (and `out` unspecified) when a value is not finite.
+pub(crate) fn spectral_apply<T: Real>(eig: &SymEigen, f: impl Fn(f64) -> f64, out: &mut [T]) -> bool {
+    let n = eig.values.len();
+    let scale: Vec<f64> = eig.values.iter().map(|&m| f(m)).collect();
+    if scale.iter().any(|s| !s.is_finite()) {
+        return false;
+    }
+    let q = Mat::<T>::from_fn(n, n, |a, i| T::from_f64x(eig.vectors[(a, i)]));
+    let q_scaled = Mat::<T>::from_fn(n, n, |a, i| T::from_f64x(eig.vectors[(a, i)] * scale[i]));
+    matmul(view_mut(out, n, n), Accum::Replace, &q_scaled, q.transpose(), T::one(), Par::Seq);
+    out.iter().all(|x| x.is_finite())
+}
