@@ -317,3 +317,179 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         pct_of_floor: 100.0 * floor_ms / ms,
     })
 }
+
+/// A realistic tensor set for `keel bench --model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchModel {
+    /// The parameter shapes of a 6-layer, 384-wide GPT-2 with vocabulary 65
+    /// and context 256 (10.8M parameters, 76 tensors; the head is tied).
+    GptSmall,
+}
+
+impl BenchModel {
+    /// The model's name on the command line.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BenchModel::GptSmall => "gpt-small",
+        }
+    }
+
+    /// The parameter shapes, GPT-2 names (torch `Linear` weights `[out, in]`).
+    pub fn specs(&self) -> Vec<ParamSpec> {
+        let (vocab, context, layers, c) = match self {
+            BenchModel::GptSmall => (65, 256, 6, 384),
+        };
+        let mut specs = vec![
+            ParamSpec::new("transformer.wte.weight", [vocab, c]),
+            ParamSpec::new("transformer.wpe.weight", [context, c]),
+        ];
+        for l in 0..layers {
+            let h = |name: &str| format!("transformer.h.{l}.{name}");
+            specs.extend([
+                ParamSpec::new(h("ln_1.weight"), [c]),
+                ParamSpec::new(h("ln_1.bias"), [c]),
+                ParamSpec::new(h("attn.c_attn.weight"), [3 * c, c]),
+                ParamSpec::new(h("attn.c_attn.bias"), [3 * c]),
+                ParamSpec::new(h("attn.c_proj.weight"), [c, c]),
+                ParamSpec::new(h("attn.c_proj.bias"), [c]),
+                ParamSpec::new(h("ln_2.weight"), [c]),
+                ParamSpec::new(h("ln_2.bias"), [c]),
+                ParamSpec::new(h("mlp.c_fc.weight"), [4 * c, c]),
+                ParamSpec::new(h("mlp.c_fc.bias"), [4 * c]),
+                ParamSpec::new(h("mlp.c_proj.weight"), [c, 4 * c]),
+                ParamSpec::new(h("mlp.c_proj.bias"), [c]),
+            ]);
+        }
+        specs.push(ParamSpec::new("transformer.ln_f.weight", [c]));
+        specs.push(ParamSpec::new("transformer.ln_f.bias", [c]));
+        specs
+    }
+}
+
+/// Timing of an optimizer on a model's tensor set.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelBenchReport {
+    /// Optimizer kind (`muon` means Muon on the hidden matrices and AdamW on
+    /// the rest).
+    pub optimizer: String,
+    /// The tensor set.
+    pub model: BenchModel,
+    /// Total parameters.
+    pub params: usize,
+    /// Tensors.
+    pub tensors: usize,
+    /// rayon worker threads.
+    pub threads: usize,
+    /// Timed consecutive steps (a multiple of the precondition frequency).
+    pub steps: usize,
+    /// Steps between preconditioner recomputations (1 for first-order
+    /// optimizers and Muon).
+    pub precondition_frequency: u64,
+    /// Mean milliseconds per step over the timed steps: the cost amortized
+    /// over `precondition_frequency`.
+    pub ms_per_step: f64,
+    /// Median milliseconds of the steps that did not recompute
+    /// preconditioners (every step at frequency 1).
+    pub plain_ms: Option<f64>,
+    /// Mean milliseconds of the steps that recomputed them (frequency > 1).
+    pub precondition_ms: Option<f64>,
+}
+
+/// Is a hidden matrix of a GPT (what Muon updates in the usual setup: 2-D,
+/// not an embedding).
+pub fn is_hidden_matrix(spec: &ParamSpec) -> bool {
+    spec.shape.len() == 2 && !spec.name.contains(".wte.") && !spec.name.contains(".wpe.")
+}
+
+/// Times `steps` consecutive optimizer steps (rounded up to a multiple of
+/// the precondition frequency) on `model`'s shapes with fixed pseudo-random
+/// gradients, after `warmup` steps and after preconditioning has started.
+pub fn run_model(
+    config: &OptimizerConfig,
+    model: BenchModel,
+    steps: usize,
+    warmup: usize,
+) -> Result<ModelBenchReport> {
+    if steps == 0 {
+        return Err(KeelError::config("bench.steps", "must be at least 1"));
+    }
+    config.validate()?;
+    let specs = model.specs();
+    let (frequency, start) = match &config.kind {
+        OptimizerKind::Shampoo(c) => (c.precondition_frequency, c.start_step()),
+        OptimizerKind::Soap(c) => (c.precondition_frequency, c.start_step()),
+        _ => (1, 1),
+    };
+    let recomputes = |t: u64| t == start || (t > start && t % frequency == 0);
+    let mut params: Vec<Vec<f32>> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| fill(s.numel(), 2 * i as u64 + 1, 0.02))
+        .collect();
+    let grads: Vec<Vec<f32>> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| fill(s.numel(), 2 * i as u64 + 2, 0.01))
+        .collect();
+    // Muon's usual setup: Muon for hidden matrices, AdamW for the rest.
+    let parts: Vec<(OptimizerConfig, Vec<usize>)> = match &config.kind {
+        OptimizerKind::Muon(_) => {
+            let (hidden, rest): (Vec<usize>, Vec<usize>) =
+                (0..specs.len()).partition(|&i| is_hidden_matrix(&specs[i]));
+            let adamw = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.001}"#)?;
+            vec![(config.clone(), hidden), (adamw, rest)]
+        }
+        _ => vec![(config.clone(), (0..specs.len()).collect())],
+    };
+    let mut optimizers = parts
+        .iter()
+        .map(|(c, idx)| {
+            let s = idx.iter().map(|&i| specs[i].clone()).collect();
+            CpuOptimizer::<f32>::new(c.clone(), s)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut step = |params: &mut [Vec<f32>]| -> Result<()> {
+        let mut slots: Vec<Option<&mut Vec<f32>>> = params.iter_mut().map(Some).collect();
+        for ((_, idx), opt) in parts.iter().zip(optimizers.iter_mut()) {
+            let mut p: Vec<&mut [f32]> = idx
+                .iter()
+                .map(|&i| &mut slots[i].take().expect("each tensor in one part")[..])
+                .collect();
+            let g: Vec<&[f32]> = idx.iter().map(|&i| &grads[i][..]).collect();
+            opt.step(&mut p, &g)?;
+        }
+        Ok(())
+    };
+    let mut t = 0u64;
+    while (t as usize) < warmup || t + 1 < start {
+        step(&mut params)?;
+        t += 1;
+    }
+    let steps = steps.div_ceil(frequency as usize) * frequency as usize;
+    let (mut plain, mut precondition, mut total) = (Vec::new(), Vec::new(), 0.0);
+    for _ in 0..steps {
+        t += 1;
+        let t0 = Instant::now();
+        step(&mut params)?;
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        total += ms;
+        match recomputes(t) && frequency > 1 {
+            true => precondition.push(ms),
+            false => plain.push(ms),
+        }
+    }
+    Ok(ModelBenchReport {
+        optimizer: config.kind.name().to_string(),
+        model,
+        params: specs.iter().map(ParamSpec::numel).sum(),
+        tensors: specs.len(),
+        threads: rayon::current_num_threads(),
+        steps,
+        precondition_frequency: frequency,
+        ms_per_step: total / steps as f64,
+        plain_ms: (!plain.is_empty()).then(|| median(plain)),
+        precondition_ms: (!precondition.is_empty())
+            .then(|| precondition.iter().sum::<f64>() / precondition.len() as f64),
+    })
+}

@@ -298,6 +298,71 @@ impl ShampooConfig {
     }
 }
 
+/// SOAP (Vyas et al. 2024, arXiv 2409.11321): Adam run in the eigenbasis of
+/// Shampoo's two factors. keel's definition (no external reference vectors
+/// exist; `src/optim/soap.rs` states every step):
+/// factors `L = sb*L + (1-sb) G G^T`, `R = sb*R + (1-sb) G^T G` every step;
+/// at `start_preconditioning_step` and every `precondition_frequency` steps
+/// after, the bases `Q_L, Q_R` become the factors' f64 eigenvectors (by
+/// descending eigenvalue) and the first moment is rotated into them; AdamW
+/// (keel's `adamw`, decoupled decay) runs on `Q_L^T G Q_R` and its direction
+/// is rotated back. While no basis has been computed, SOAP is AdamW exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SoapConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// First-moment decay.
+    #[serde(default = "default_soap_beta")]
+    pub beta1: f64,
+    /// Second-moment decay.
+    #[serde(default = "default_soap_beta")]
+    pub beta2: f64,
+    /// Factor decay `sb` (default: `beta2`).
+    #[serde(default)]
+    pub shampoo_beta: Option<f64>,
+    /// Added to the root of the second moment.
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Decoupled weight decay: `p *= 1 - lr*wd`.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Steps between eigenbasis recomputations.
+    #[serde(default = "default_soap_frequency")]
+    pub precondition_frequency: u64,
+    /// First step that computes the eigenbasis (before it: plain AdamW).
+    #[serde(default = "one_u64")]
+    pub start_preconditioning_step: u64,
+    /// A side longer than this keeps the identity basis (Adam on that side).
+    #[serde(default = "default_soap_max_dim")]
+    pub max_preconditioner_dim: usize,
+    /// Rotate 1-D tensors too (default: plain AdamW for them, as the paper).
+    #[serde(default)]
+    pub precondition_1d: bool,
+}
+
+impl SoapConfig {
+    /// The first step that computes the eigenbasis.
+    pub fn start_step(&self) -> u64 {
+        self.start_preconditioning_step
+    }
+
+    /// The factor decay.
+    pub fn factor_beta(&self) -> f64 {
+        self.shampoo_beta.unwrap_or(self.beta2)
+    }
+}
+
+fn default_soap_beta() -> f64 {
+    0.95
+}
+fn default_soap_frequency() -> u64 {
+    10
+}
+fn default_soap_max_dim() -> usize {
+    10_000
+}
+
 fn default_shampoo_beta2() -> f64 {
     1.0
 }
@@ -383,11 +448,13 @@ pub enum OptimizerKind {
     Muon(MuonConfig),
     /// `shampoo`.
     Shampoo(ShampooConfig),
+    /// `soap`.
+    Soap(SoapConfig),
 }
 
 /// Every `kind` this build implements.
-pub const KINDS: [&str; 8] = [
-    "sgd", "adam", "adamw", "lamb", "lars", "lion", "muon", "shampoo",
+pub const KINDS: [&str; 9] = [
+    "sgd", "adam", "adamw", "lamb", "lars", "lion", "muon", "shampoo", "soap",
 ];
 
 impl OptimizerKind {
@@ -402,6 +469,7 @@ impl OptimizerKind {
             OptimizerKind::Lion(_) => "lion",
             OptimizerKind::Muon(_) => "muon",
             OptimizerKind::Shampoo(_) => "shampoo",
+            OptimizerKind::Soap(_) => "soap",
         }
     }
 
@@ -416,6 +484,7 @@ impl OptimizerKind {
             OptimizerKind::Lion(c) => c.lr,
             OptimizerKind::Muon(c) => c.lr,
             OptimizerKind::Shampoo(c) => c.lr,
+            OptimizerKind::Soap(c) => c.lr,
         }
     }
 
@@ -429,6 +498,7 @@ impl OptimizerKind {
             OptimizerKind::Lion(c) => &mut c.lr,
             OptimizerKind::Muon(c) => &mut c.lr,
             OptimizerKind::Shampoo(c) => &mut c.lr,
+            OptimizerKind::Soap(c) => &mut c.lr,
         }
     }
 
@@ -443,6 +513,7 @@ impl OptimizerKind {
             OptimizerKind::Lion(c) => c.weight_decay,
             OptimizerKind::Muon(c) => c.weight_decay,
             OptimizerKind::Shampoo(c) => c.weight_decay,
+            OptimizerKind::Soap(c) => c.weight_decay,
         }
     }
 }
@@ -565,6 +636,18 @@ impl OptimizerConfig {
                         non_negative(&f("grafting.eps"), eps)?;
                     }
                 }
+            }
+            OptimizerKind::Soap(c) => {
+                adam_like(c.beta1, c.beta2, c.eps, c.weight_decay)?;
+                if let Some(sb) = c.shampoo_beta {
+                    unit_interval(&f("shampoo_beta"), sb)?;
+                }
+                let freq = c.precondition_frequency as f64;
+                require(&f("precondition_frequency"), freq, freq >= 1.0, ">= 1")?;
+                let start = c.start_preconditioning_step as f64;
+                require(&f("start_preconditioning_step"), start, start >= 1.0, ">= 1")?;
+                let d = c.max_preconditioner_dim as f64;
+                require(&f("max_preconditioner_dim"), d, d >= 1.0, ">= 1")?;
             }
         }
         if let Some(c) = self.clip_global_norm {

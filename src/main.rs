@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use keel::bench::{self, BenchDtype, BenchOptions};
+use keel::bench::{self, BenchDtype, BenchModel, BenchOptions};
 use keel::conformance;
 use keel::{KeelError, OptimizerConfig};
 
@@ -59,7 +59,18 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Time a model's tensor set instead of `--params`/`--tensors`
+        /// (steps amortize the precondition frequency; muon means Muon on
+        /// the hidden matrices and AdamW on the rest).
+        #[arg(long, value_enum)]
+        model: Option<Model>,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Model {
+    /// 6 layers, 384 wide, vocabulary 65, context 256 (10.8M parameters).
+    GptSmall,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -91,6 +102,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             dtype,
             threads,
             json,
+            model,
         } => {
             let config = match config {
                 Some(text) => OptimizerConfig::from_json(&text)?,
@@ -110,6 +122,32 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                     .num_threads(t)
                     .build_global()
                     .map_err(|e| KeelError::config("threads", e.to_string()))?;
+            }
+            if let Some(model) = model {
+                let model = match model {
+                    Model::GptSmall => BenchModel::GptSmall,
+                };
+                let r = bench::run_model(&config, model, steps, warmup)?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string(&r).map_err(|e| KeelError::State(e.to_string()))?
+                    );
+                } else {
+                    println!(
+                        "{} on {}: {} params in {} tensors, {} threads, {} steps, precondition frequency {}",
+                        r.optimizer, r.model.name(), r.params, r.tensors, r.threads, r.steps,
+                        r.precondition_frequency
+                    );
+                    println!("  amortized step  {:10.2} ms", r.ms_per_step);
+                    if let Some(ms) = r.plain_ms {
+                        println!("  plain step      {ms:10.2} ms (median)");
+                    }
+                    if let Some(ms) = r.precondition_ms {
+                        println!("  recompute step  {ms:10.2} ms (mean)");
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
             }
             let opts = BenchOptions {
                 config,

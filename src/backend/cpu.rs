@@ -27,7 +27,7 @@ use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::{assign_groups, ParamGroup};
 use crate::optim::{
-    adam, initial_state, lars, lion, muon, sgd, shampoo, state_slots, trust_ratio, Optimizer,
+    adam, initial_state, lars, lion, muon, sgd, shampoo, soap, state_slots, trust_ratio, Optimizer,
 };
 use crate::real::{GradElem, Real};
 use crate::stats::{SkipReason, StepStats, TensorStats};
@@ -268,7 +268,9 @@ impl<T: Real> CpuOptimizer<T> {
                 apply_pass(chunks, n, (step, rounding), &LionStep { k: &k, prep })
             }
             // Handled by `muon_pass`, before any chunks are made.
-            OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) => vec![Sums::default(); n],
+            OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) | OptimizerKind::Soap(_) => {
+                vec![Sums::default(); n]
+            }
         }
     }
 
@@ -428,6 +430,26 @@ impl<T: Real> CpuOptimizer<T> {
                         GradPrep::ClampScale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st),
                     };
                     (sums, report.root_failures)
+                },
+            );
+            preconditioner_failures = failures;
+            sums
+        } else if let OptimizerKind::Soap(c) = &kind {
+            let specs = &self.specs;
+            let (sums, failures) = whole_tensor_pass(
+                params,
+                grads,
+                &mut self.state,
+                out,
+                step,
+                |i, p, g, st, par| {
+                    let (lw, shape) = ((lr_of[i], wd_of[i]), &specs[i].shape[..]);
+                    match &prep {
+                        GradPrep::Scale(pr) => soap::step(c, t, lw, pr, shape, p, g, st, par),
+                        GradPrep::ClampScale(pr) => {
+                            soap::step(c, t, lw, pr, shape, p, g, st, par)
+                        }
+                    }
                 },
             );
             preconditioner_failures = failures;

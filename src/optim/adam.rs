@@ -63,14 +63,14 @@ impl<T: Real> AdamCoeffs<T> {
     }
 
     #[inline(always)]
-    fn moments(&self, g: T, m: &mut T, v: &mut T) {
+    pub(crate) fn moments(&self, g: T, m: &mut T, v: &mut T) {
         *m = self.b1 * *m + self.one_minus_b1 * g;
         *v = self.b2 * *v + self.one_minus_b2 * g * g;
     }
 
     /// `u = m_hat / (sqrt(v_hat) + eps)`.
     #[inline(always)]
-    fn direction(&self, m: T, v: T) -> T {
+    pub(crate) fn direction(&self, m: T, v: T) -> T {
         (m * self.inv_bc1) / (v.sqrt() * self.inv_sqrt_bc2 + self.eps)
     }
 }

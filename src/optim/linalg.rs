@@ -11,6 +11,7 @@
 use faer::dyn_stack::{MemBuffer, MemStack};
 use faer::linalg::evd::{self, ComputeEigenvectors};
 use faer::linalg::matmul::matmul;
+use faer::linalg::matmul::triangular::{self, BlockStructure};
 use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use crate::real::Real;
@@ -34,21 +35,56 @@ pub(crate) fn around(dims: &[usize], j: usize) -> (usize, usize, usize) {
     )
 }
 
+/// `dst (+)= alpha * a b` computing only the lower triangle of the square
+/// `dst` (the upper triangle is left as it was): half the flops of a GEMM
+/// for products known to be symmetric (Gram matrices, `Q D Q^T`).
+pub(crate) fn matmul_lower<T: Real>(
+    dst: MatMut<'_, T>,
+    accum: Accum,
+    a: MatRef<'_, T>,
+    b: MatRef<'_, T>,
+    alpha: T,
+    par: Par,
+) {
+    triangular::matmul(
+        dst,
+        BlockStructure::TriangularLower,
+        accum,
+        a,
+        BlockStructure::Rectangular,
+        b,
+        BlockStructure::Rectangular,
+        alpha,
+        par,
+    );
+}
+
+/// Copies the lower triangle of the square `m` onto its upper triangle.
+pub(crate) fn mirror_lower<T: Real>(mut m: MatMut<'_, T>) {
+    for j in 0..m.ncols() {
+        for i in 0..j {
+            m[(i, j)] = m[(j, i)];
+        }
+    }
+}
+
 /// `gram += alpha * sum_o X_o X_o^T` where `X_o` is the `n x inner` mode-`j`
-/// slice `o` of `x` (so `gram` is `n x n`, row-major). The last mode is one
-/// GEMM (`X^T X` of the `outer x n` matrix), the first mode one GEMM too.
+/// slice `o` of `x` (so `gram` is `n x n`, row-major and symmetric). The
+/// last mode is one product (`X^T X` of the `outer x n` matrix), the first
+/// mode one too; only the lower triangle is computed, then mirrored.
 pub(crate) fn mode_gram_add<T: Real>(gram: &mut [T], x: &[T], dims: &[usize], j: usize, alpha: T) {
     let (outer, n, inner) = around(dims, j);
     let mut g = view_mut(gram, n, n);
     if inner == 1 {
         let xm = view(x, outer, n);
-        matmul(g, Accum::Add, xm.transpose(), xm, alpha, Par::Seq);
-        return;
+        matmul_lower(g.as_mut(), Accum::Add, xm.transpose(), xm, alpha, Par::Seq);
+    } else {
+        for o in 0..outer {
+            let xo = view(&x[o * n * inner..(o + 1) * n * inner], n, inner);
+            matmul_lower(g.as_mut(), Accum::Add, xo, xo.transpose(), alpha, Par::Seq);
+        }
     }
-    for o in 0..outer {
-        let xo = view(&x[o * n * inner..(o + 1) * n * inner], n, inner);
-        matmul(g.as_mut(), Accum::Add, xo, xo.transpose(), alpha, Par::Seq);
-    }
+    mirror_lower(g);
 }
 
 /// `y = x x_j p`: every mode-`j` fibre of `x` multiplied by the `n x n`
@@ -70,24 +106,25 @@ pub(crate) fn mode_product<T: Real>(y: &mut [T], x: &[T], dims: &[usize], j: usi
 }
 
 /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix.
-pub(crate) struct SymEigen {
+pub(crate) struct SymEigen<T> {
     /// Eigenvalues, ascending.
     pub values: Vec<f64>,
     /// Orthonormal eigenvectors, one per column, in the order of `values`.
-    pub vectors: Mat<f64>,
+    pub vectors: Mat<T>,
 }
 
-/// The f64 eigendecomposition of the symmetric `a` (its lower triangle is
-/// read), or `None` when `a` has a non-finite entry or the solver fails.
-pub(crate) fn sym_eigen(a: MatRef<'_, f64>) -> Option<SymEigen> {
+/// The eigendecomposition of the symmetric `a` in `T`'s precision (its
+/// lower triangle is read), or `None` when `a` has a non-finite entry or
+/// the solver fails.
+pub(crate) fn sym_eigen<T: Real>(a: MatRef<'_, T>) -> Option<SymEigen<T>> {
     let n = a.nrows();
     if (0..n).any(|j| (j..n).any(|i| !a[(i, j)].is_finite())) {
         return None;
     }
-    let mut vectors = Mat::<f64>::zeros(n, n);
-    let mut values = faer::diag::Diag::<f64>::zeros(n);
+    let mut vectors = Mat::<T>::zeros(n, n);
+    let mut values = faer::diag::Diag::<T>::zeros(n);
     let scratch =
-        evd::self_adjoint_evd_scratch::<f64>(n, ComputeEigenvectors::Yes, Par::Seq, Default::default());
+        evd::self_adjoint_evd_scratch::<T>(n, ComputeEigenvectors::Yes, Par::Seq, Default::default());
     let mut buffer = MemBuffer::new(scratch);
     evd::self_adjoint_evd(
         a,
@@ -98,7 +135,7 @@ pub(crate) fn sym_eigen(a: MatRef<'_, f64>) -> Option<SymEigen> {
         Default::default(),
     )
     .ok()?;
-    let values: Vec<f64> = (0..n).map(|i| values[i]).collect();
+    let values: Vec<f64> = (0..n).map(|i| values[i].to_f64x()).collect();
     if values.iter().any(|v| !v.is_finite()) {
         return None;
     }
@@ -107,14 +144,23 @@ pub(crate) fn sym_eigen(a: MatRef<'_, f64>) -> Option<SymEigen> {
 
 /// `Q diag(f(mu)) Q^T` in precision `T`, written row-major into `out`
 /// (`n x n`); `false` (and `out` unspecified) when a value is not finite.
-pub(crate) fn spectral_apply<T: Real>(eig: &SymEigen, f: impl Fn(f64) -> f64, out: &mut [T]) -> bool {
+/// The eigenvectors may be in another precision `E` (f64 for Shampoo).
+pub(crate) fn spectral_apply<E: Real, T: Real>(
+    eig: &SymEigen<E>,
+    f: impl Fn(f64) -> f64,
+    out: &mut [T],
+) -> bool {
     let n = eig.values.len();
     let scale: Vec<f64> = eig.values.iter().map(|&m| f(m)).collect();
     if scale.iter().any(|s| !s.is_finite()) {
         return false;
     }
-    let q = Mat::<T>::from_fn(n, n, |a, i| T::from_f64x(eig.vectors[(a, i)]));
-    let q_scaled = Mat::<T>::from_fn(n, n, |a, i| T::from_f64x(eig.vectors[(a, i)] * scale[i]));
-    matmul(view_mut(out, n, n), Accum::Replace, &q_scaled, q.transpose(), T::one(), Par::Seq);
+    let q = Mat::<T>::from_fn(n, n, |a, i| T::from_f64x(eig.vectors[(a, i)].to_f64x()));
+    let q_scaled = Mat::<T>::from_fn(n, n, |a, i| {
+        T::from_f64x(eig.vectors[(a, i)].to_f64x() * scale[i])
+    });
+    let mut o = view_mut(out, n, n);
+    matmul_lower(o.as_mut(), Accum::Replace, q_scaled.as_ref(), q.transpose(), T::one(), Par::Seq);
+    mirror_lower(o);
     out.iter().all(|x| x.is_finite())
 }

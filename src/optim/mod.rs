@@ -21,6 +21,7 @@ pub(crate) mod lion;
 pub mod muon;
 pub(crate) mod sgd;
 pub mod shampoo;
+pub(crate) mod soap;
 
 /// One optimizer over named flat parameter buffers, whatever the backend.
 ///
@@ -108,6 +109,7 @@ pub fn state_slots(kind: &OptimizerKind) -> &'static [&'static str] {
         OptimizerKind::Lion(_) => &["exp_avg"],
         OptimizerKind::Muon(_) => &["momentum_buffer"],
         OptimizerKind::Shampoo(_) => &["exp_avg", "graft", "factors", "roots"],
+        OptimizerKind::Soap(_) => &["exp_avg", "exp_avg_sq", "factors", "bases"],
     }
 }
 
@@ -120,6 +122,7 @@ pub(crate) fn initial_state<T: crate::real::Real>(
 ) -> Vec<Vec<T>> {
     match kind {
         OptimizerKind::Shampoo(c) => shampoo::initial_state(&spec.shape, c.max_preconditioner_dim),
+        OptimizerKind::Soap(c) => soap::initial_state(&spec.shape, c),
         _ => state_slots(kind)
             .iter()
             .map(|_| vec![T::zero(); spec.numel()])
@@ -140,7 +143,7 @@ pub(crate) fn initial_state<T: crate::real::Real>(
 pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) {
     // Buffers the size of the parameter (Shampoo's factors are per block).
     let slots = match &config.kind {
-        OptimizerKind::Shampoo(_) => 2,
+        OptimizerKind::Shampoo(_) | OptimizerKind::Soap(_) => 2,
         kind => state_slots(kind).len(),
     };
     let minimum = (2 + slots + 1 + slots) * elem;
@@ -158,6 +161,9 @@ pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) 
         // scan g; read p, g, m, v and write p, m, v (factors and roots are
         // per block, not per parameter).
         OptimizerKind::Shampoo(_) => 1 + 7,
+        // scan g; copy g (r, w); rotate it (r, w); m, v (r, w); the rotated
+        // direction (w, r) and its rotation back (w, r); p (r, w).
+        OptimizerKind::Soap(_) => 1 + 2 + 2 + 4 + 2 + 2 + 2,
         _ => 1 + minimum / elem,
     };
     (streams * elem, minimum)

@@ -6,11 +6,20 @@
 //! iterations `A = X X^T; B = b*A + c*A A; X = a*X + B X`, which drive the
 //! singular values of `X` towards 1 (an approximate orthogonalization of the
 //! update); finally `p = p*(1 - lr*wd) - lr*s*X` with the shape scale `s`.
-//! The matrix products go through faer (cache-blocked, SIMD, multi-threaded).
+//!
+//! keel evaluates the same iteration spectrally ([`newton_schulz_spectral`]):
+//! each iteration multiplies `X` by a polynomial of `X X^T`, so the result is
+//! `h(A) X` with `A = X X^T` of the normalized input and `h` the scalar
+//! iteration applied to A's eigenvalues. One Gram matrix, one
+//! eigendecomposition of it and two products replace `ns_steps` rounds of
+//! three products: the same function in exact arithmetic (checked against the
+//! literal iteration, [`newton_schulz`], in the tests), 3-5x fewer flops on
+//! LLM shapes. The matrix products go through faer.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, Mat, Par};
 
+use super::linalg;
 use crate::backend::reduce::Sums;
 use crate::clip::GradTransform;
 use crate::config::{AdjustLr, MuonConfig};
@@ -69,6 +78,63 @@ pub fn newton_schulz<T: Real>(x: &mut Mat<T>, steps: u32, [a, b, c]: [f64; 3], e
     }
 }
 
+/// Newton–Schulz evaluated on the spectrum: `x` (rows <= cols) is divided by
+/// `max(||x||_F, eps)`, then replaced by `Q diag(h(mu)) Q^T x` where
+/// `A = x x^T = Q diag(mu) Q^T` (eigendecomposition in `T`'s precision) and
+/// `h(mu) = prod_k (a + b mu_k + c mu_k^2)`, `mu_0 = mu`,
+/// `mu_{k+1} = mu_k (a + b mu_k + c mu_k^2)^2`: exactly the singular-value
+/// map of `steps` iterations of [`newton_schulz`]. Falls back to the literal
+/// iteration if the eigendecomposition fails.
+///
+/// ```
+/// use faer::{Mat, Par};
+/// use keel::optim::muon::{newton_schulz, newton_schulz_spectral};
+/// let x = Mat::<f64>::from_fn(3, 5, |i, j| ((i * 5 + j) as f64).sin());
+/// let (mut a, mut b) = (x.clone(), x);
+/// newton_schulz(&mut a, 5, [3.4445, -4.775, 2.0315], 1e-7, Par::Seq);
+/// newton_schulz_spectral(&mut b, 5, [3.4445, -4.775, 2.0315], 1e-7, Par::Seq);
+/// assert!((&a - &b).norm_l2() < 1e-12);
+/// ```
+pub fn newton_schulz_spectral<T: Real>(
+    x: &mut Mat<T>,
+    steps: u32,
+    coeffs: [f64; 3],
+    eps: f64,
+    par: Par,
+) {
+    let (r, n) = (x.nrows(), x.ncols());
+    let inv = T::from_f64x(1.0 / x.norm_l2().to_f64x().max(eps));
+    let normalized = Mat::<T>::from_fn(r, n, |i, j| x[(i, j)] * inv);
+    let mut gram = Mat::<T>::zeros(r, r);
+    let x_ref = normalized.as_ref();
+    linalg::matmul_lower(gram.as_mut(), Accum::Replace, x_ref, x_ref.transpose(), T::one(), par);
+    let [ca, cb, cc] = coeffs;
+    let h = |mu: f64| {
+        // Rounding can leave tiny negative eigenvalues of a Gram matrix.
+        let (mut mu, mut h) = (mu.max(0.0), 1.0);
+        for _ in 0..steps {
+            let q = ca + cb * mu + cc * mu * mu;
+            h *= q;
+            mu *= q * q;
+        }
+        h
+    };
+    let mut poly = vec![T::zero(); r * r];
+    let spectral = linalg::sym_eigen(gram.as_ref())
+        .is_some_and(|eig| linalg::spectral_apply(&eig, h, &mut poly));
+    if !spectral {
+        return newton_schulz(x, steps, coeffs, eps, par);
+    }
+    matmul(
+        x.as_mut(),
+        Accum::Replace,
+        linalg::view(&poly, r, r),
+        &normalized,
+        T::one(),
+        par,
+    );
+}
+
 /// One Muon step of a `[rows, cols]` row-major tensor: reads `p, g, b`,
 /// writes `p, b`. `lr` already includes the group's scale, `wd` its decay.
 #[allow(clippy::too_many_arguments)]
@@ -108,7 +174,7 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
             }
         }
     }
-    newton_schulz(&mut x, c.ns_steps, c.ns_coefficients, c.eps, par);
+    newton_schulz_spectral(&mut x, c.ns_steps, c.ns_coefficients, c.eps, par);
     let step = T::from_f64x(lr * shape_scale(c.adjust_lr, rows, cols));
     let decay = T::from_f64x(1.0 - lr * wd);
     let mut sums = Sums::default();
