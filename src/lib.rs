@@ -38,6 +38,7 @@ pub mod config;
 pub mod conformance;
 pub mod error;
 pub mod group;
+pub mod guard;
 pub mod optim;
 pub mod real;
 pub mod schedule;
