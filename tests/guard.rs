@@ -386,7 +386,7 @@ fn zclip_matches_hand_computed_emas_and_clips_an_outlier() {
     assert_eq!((z.mean(), z.variance()), before);
 
     // The helper scales the gradients in place.
-    let mut g = vec![vec![60.0f64, 80.0]]; // norm 100
+    let mut g = [vec![60.0f64, 80.0]]; // norm 100
     let mut views: Vec<&mut [f64]> = g.iter_mut().map(|x| &mut x[..]).collect();
     let out = z.clip(&mut views);
     assert!((g[0][0].hypot(g[0][1]) - out.clipped_norm).abs() < 1e-12);
@@ -426,10 +426,10 @@ fn spam_clips_against_the_second_moment_and_resets() {
         ..Default::default()
     })
     .unwrap();
-    let mut w = vec![0.0f64; 5];
+    let mut w = [0.0f64; 5];
 
     // Step 1: v is zero, nothing is clipped.
-    let mut g = vec![1.0, 2.0, -3.0, 0.5, 0.0];
+    let mut g = [1.0, 2.0, -3.0, 0.5, 0.0];
     assert_eq!(spam.clip_grads(&opt, &mut [&mut g[..]]).unwrap(), 0);
     opt.step(&mut [&mut w[..]], &[&g[..]]).unwrap();
     assert!(!spam.after_step(&mut opt));
@@ -459,7 +459,7 @@ fn spam_clips_against_the_second_moment_and_resets() {
     let mut factors = vec![];
     for _ in 0..5 {
         factors.push(spam.lr_factor());
-        let mut g = vec![1.0; 5];
+        let mut g = [1.0; 5];
         spam.clip_grads(&opt, &mut [&mut g[..]]).unwrap();
         opt.step(&mut [&mut w[..]], &[&g[..]]).unwrap();
         spam.after_step(&mut opt);
@@ -474,7 +474,7 @@ fn spam_clips_against_the_second_moment_and_resets() {
     // SGD keeps no second moment.
     let sgd = OptimizerConfig::from_json(r#"{"kind": "sgd", "lr": 0.1}"#).unwrap();
     let sgd = CpuOptimizer::<f64>::new(sgd, vec![ParamSpec::new("w", [1])]).unwrap();
-    let mut g = vec![1.0];
+    let mut g = [1.0];
     let err = spam.clip_grads(&sgd, &mut [&mut g[..]]).unwrap_err();
     assert_eq!(field(err), "spam");
 }
@@ -515,7 +515,7 @@ fn loss_scaler_grows_backs_off_and_stays_in_bounds() {
     let mut g = vec![65536.0f32, -32768.0];
     assert!(!s.unscale(&mut [&mut g[..]]));
     assert_eq!(g, [1.0, -0.5]);
-    let mut g = vec![1.0f32, f32::NAN];
+    let mut g = [1.0f32, f32::NAN];
     assert!(s.unscale(&mut [&mut g[..]]));
     assert_eq!(g[0], 1.0); // untouched
     assert_eq!(s.update(true), Skip);
