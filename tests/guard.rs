@@ -651,3 +651,23 @@ fn bad_configuration_is_an_error_naming_the_field() {
     assert_eq!(det(SpikeDetectorConfig { warmup: 1, ..dd }), "spike.warmup");
     assert!(analyze_losses(&[1.0], &SpikeDetectorConfig { window: 0, ..dd }).is_err());
 }
+
+#[test]
+fn configs_read_from_json_with_defaults() {
+    let c: LossGuardConfig = serde_json::from_str(
+        r#"{"action": "rollback", "lr_steps": 50, "detector": {"window": 50}}"#,
+    )
+    .unwrap();
+    assert_eq!(c.action, SpikeAction::Rollback);
+    assert_eq!((c.lr_steps, c.snapshot_every, c.lr_factor), (50, 100, 0.5));
+    assert_eq!(
+        (c.detector.window, c.detector.sigma, c.detector.ratio),
+        (50, 4.0, 1.1)
+    );
+    let z: ZClipConfig = serde_json::from_str(r#"{"mode": "reciprocal"}"#).unwrap();
+    assert_eq!(
+        (z.mode, z.alpha, z.z_thresh, z.warmup_steps),
+        (ZClipMode::Reciprocal, 0.97, 2.5, 25)
+    );
+    assert!(serde_json::from_str::<SpamConfig>(r#"{"thetaa": 1}"#).is_err());
+}
