@@ -671,3 +671,52 @@ fn configs_read_from_json_with_defaults() {
     );
     assert!(serde_json::from_str::<SpamConfig>(r#"{"thetaa": 1}"#).is_err());
 }
+
+#[test]
+fn rollback_works_for_bf16_params_with_f32_master_weights() {
+    use half::bf16;
+    use keel::{MixedPrecisionOptimizer, ParamGroup, Rounding};
+
+    let specs = vec![ParamSpec::new("w", [16])];
+    let mut rng = Rng(3);
+    let mut w: Vec<Vec<bf16>> = vec![rng
+        .vec::<f32>(16, -1.0, 1.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect()];
+    let config = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.01}"#).unwrap();
+    let mut opt = MixedPrecisionOptimizer::new(
+        config,
+        specs.clone(),
+        vec![ParamGroup::all(&specs)],
+        &[&w[0][..]],
+        Rounding::Stochastic { seed: 7 },
+    )
+    .unwrap();
+    let step = |opt: &mut MixedPrecisionOptimizer, w: &mut [Vec<bf16>], rng: &mut Rng| {
+        let g: Vec<bf16> = rng
+            .vec::<f32>(16, -1.0, 1.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let mut p: Vec<&mut [bf16]> = w.iter_mut().map(|x| &mut x[..]).collect();
+        opt.step(&mut p, &[&g[..]]).unwrap();
+    };
+    for _ in 0..2 {
+        step(&mut opt, &mut w, &mut rng);
+    }
+    let mut guard = LossGuard::<bf16>::new(LossGuardConfig::default()).unwrap();
+    guard.snapshot(&w, &opt).unwrap();
+    let want_w: Vec<u16> = w[0].iter().map(|x| x.to_bits()).collect();
+    let want_master: Vec<u32> = opt.master(0).iter().map(|x| x.to_bits()).collect();
+    let want_state = state_bits(&opt.state_dict().unwrap());
+    for _ in 0..2 {
+        step(&mut opt, &mut w, &mut rng);
+    }
+    guard.restore(&mut w, &mut opt).unwrap();
+    assert_eq!(w[0].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), want_w);
+    let master: Vec<u32> = opt.master(0).iter().map(|x| x.to_bits()).collect();
+    assert_eq!(master, want_master);
+    assert_eq!(state_bits(&opt.state_dict().unwrap()), want_state);
+    assert_eq!(opt.step_count(), 2);
+}
