@@ -59,7 +59,7 @@ fn main() -> Result<(), keel::KeelError> {
             Decision::Skip => println!("step {step:3}  loss {loss:.4}  skipped"),
             Decision::Rollback => {
                 guard.restore(&mut w, &mut opt)?;
-                let at = guard.snapshot_step().flatten().unwrap_or(0);
+                let at = guard.snapshot_step().unwrap_or(0);
                 println!("step {step:3}  loss {loss:.4}  rolled back to the snapshot of step {at}");
             }
         }

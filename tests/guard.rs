@@ -315,7 +315,7 @@ fn guard_skips_rolls_back_lowers_lr_and_counts() {
     // Two lowered steps after each rollback.
     assert_eq!(lr[8..10], [0.25, 0.25]);
     assert_eq!(lr[10], 1.0);
-    assert_eq!(guard.snapshot_step(), Some(Some(21)));
+    assert_eq!(guard.snapshot_step(), Some(21));
     let c = guard.counts();
     assert_eq!(
         (

@@ -207,9 +207,9 @@ impl<T: Copy> LossGuard<T> {
     }
 
     /// The `step` last passed to [`LossGuard::observe`] when the snapshot was
-    /// taken (`Some(None)`: taken before any), or `None` with no snapshot.
-    pub fn snapshot_step(&self) -> Option<Option<u64>> {
-        self.snapshot.as_ref().map(|s| s.step)
+    /// taken (`None` with no snapshot, or one taken before any observation).
+    pub fn snapshot_step(&self) -> Option<u64> {
+        self.snapshot.as_ref().and_then(|s| s.step)
     }
 
     /// The lr multiplier for the next step: `lr_factor` for `lr_steps` steps
