@@ -11,7 +11,9 @@
 //! optax) — see [`config`] for the vocabulary and [`conformance`] for the
 //! checker — and every step returns [`StepStats`] (global and per-tensor norms,
 //! trust ratios, clip factors, skipped steps) so a trainer can log them without
-//! another pass over memory.
+//! another pass over memory. [`guard`] holds the spike guards a trainer
+//! composes around any optimizer: ZClip, SPAM clipping and momentum reset,
+//! dynamic loss scaling, and loss-spike skip/rollback.
 //!
 //! ```
 //! use keel::{CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec};
@@ -38,6 +40,7 @@ pub mod config;
 pub mod conformance;
 pub mod error;
 pub mod group;
+pub mod guard;
 pub mod optim;
 pub mod real;
 pub mod schedule;
