@@ -37,6 +37,7 @@ pub mod clip;
 pub mod config;
 pub mod conformance;
 pub mod error;
+pub mod gpt;
 pub mod group;
 pub mod optim;
 pub mod real;

@@ -1,0 +1,1 @@
+//! Char-level data.
