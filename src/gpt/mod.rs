@@ -9,6 +9,7 @@
 //! - [`golden`]: the `keel-gpt-golden-v1` conformance cases.
 //! - [`data`]: char-level corpora (Tiny Shakespeare embedded) and batches.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod golden;
