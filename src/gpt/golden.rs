@@ -183,7 +183,7 @@ pub fn load_golden(path: &Path) -> Result<GoldenCase> {
     }
     let mut params = Vec::with_capacity(specs.len());
     let mut grads = Vec::with_capacity(specs.len());
-    for s in specs {
+    for s in &specs {
         params.push(floats(&format!("param.{}", s.name), &s.shape)?);
         grads.push(floats(&format!("grad.{}", s.name), &s.shape)?);
     }

@@ -255,9 +255,10 @@ impl<T: Real> Gpt<T> {
         &self.config
     }
 
-    /// Every parameter tensor, in the order the buffers are passed.
-    pub fn param_specs(&self) -> &[ParamSpec] {
-        &self.specs
+    /// Every parameter tensor, in the order the buffers are passed (the
+    /// list to register with a keel optimizer).
+    pub fn param_specs(&self) -> Vec<ParamSpec> {
+        self.specs.clone()
     }
 
     /// Total number of parameters.
