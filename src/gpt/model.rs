@@ -106,7 +106,7 @@ pub struct GptStats {
 
 /// Activations of the last forward pass (and backward scratch), sized for
 /// one `(B, T)`; reallocated only when the batch shape changes.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Workspace<T> {
     b: usize,
     t: usize,
@@ -146,6 +146,16 @@ struct Workspace<T> {
     datty: Vec<T>,
     dscores: Vec<T>,
     ones: Vec<T>,
+}
+
+impl<T> std::fmt::Debug for Workspace<T> {
+    // The buffers are activations: printing them would swamp any log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workspace")
+            .field("b", &self.b)
+            .field("t", &self.t)
+            .finish_non_exhaustive()
+    }
 }
 
 fn zeros<T: Real>(n: usize) -> Vec<T> {
@@ -332,13 +342,20 @@ impl<T: Real> Gpt<T> {
                 format!("{t} is not in 1..={}", self.config.block_size),
             ));
         }
+        let n = b
+            .checked_mul(t)
+            .filter(|n| {
+                n.checked_mul(self.config.vocab_size.max(4 * self.config.n_embd))
+                    .is_some()
+            })
+            .ok_or_else(|| KeelError::config("batch", format!("{b} x {t} positions overflow")))?;
         let v = self.config.vocab_size;
         let lists = std::iter::once(("tokens", tokens)).chain(targets.map(|x| ("targets", x)));
         for (name, ids) in lists {
-            if ids.len() != b * t {
+            if ids.len() != n {
                 return Err(KeelError::shape(
                     name,
-                    format!("expected B*T = {} ids, got {}", b * t, ids.len()),
+                    format!("expected B*T = {n} ids, got {}", ids.len()),
                 ));
             }
             if let Some(pos) = ids.iter().position(|&x| x as usize >= v) {
