@@ -169,3 +169,61 @@ fn bad_shampoo_config_names_the_field() {
         assert!(msg.contains(field), "{extra}: {msg}");
     }
 }
+
+/// Trains `specs` for `steps` steps and returns the parameters.
+fn trained<T: keel::real::Real>(
+    c: OptimizerConfig,
+    specs: &[ParamSpec],
+    steps: u64,
+) -> Vec<Vec<T>> {
+    let mut opt = CpuOptimizer::<T>::new(c, specs.to_vec()).unwrap();
+    let mut p: Vec<Vec<T>> = specs
+        .iter()
+        .map(|s| vec![T::from_f64x(0.5); s.numel()])
+        .collect();
+    for k in 0..steps {
+        let g: Vec<Vec<T>> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                values(s.numel(), 100 * k + i as u64)
+                    .iter()
+                    .map(|&x| T::from_f64x(x))
+                    .collect()
+            })
+            .collect();
+        let gr: Vec<&[T]> = g.iter().map(|x| &x[..]).collect();
+        let mut pr: Vec<&mut [T]> = p.iter_mut().map(|x| &mut x[..]).collect();
+        let stats = opt.step(&mut pr, &gr).unwrap();
+        assert_eq!(stats.preconditioner_failures, 0);
+    }
+    p
+}
+
+#[test]
+fn roots_in_factor_precision_follow_the_f64_roots() {
+    let specs = vec![ParamSpec::new("w", [12, 9]), ParamSpec::new("b", [7])];
+    let graft = r#", "grafting": {"kind": "adam", "beta2": 0.999, "eps": 1e-8}, "epsilon": 1e-6"#;
+    let f64_roots = config(graft);
+    let factor_roots = config(&format!(r#"{graft}, "root_dtype": "factor""#));
+    // With f64 parameters the option changes nothing.
+    assert_eq!(
+        trained::<f64>(f64_roots.clone(), &specs, 6),
+        trained::<f64>(factor_roots.clone(), &specs, 6)
+    );
+    // With f32 parameters, f32 eigendecompositions stay close to f64 ones.
+    let a = trained::<f32>(f64_roots, &specs, 6);
+    let b = trained::<f32>(factor_roots, &specs, 6);
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (x, y) in a.iter().flatten().zip(b.iter().flatten()) {
+        diff += (*x as f64 - *y as f64).powi(2);
+        norm += (*x as f64 - 0.5).powi(2);
+    }
+    assert!(
+        diff.sqrt() < 1e-3 * norm.sqrt(),
+        "{} vs {}",
+        diff.sqrt(),
+        norm.sqrt()
+    );
+    assert!(diff > 0.0, "the f32 path was not taken");
+}

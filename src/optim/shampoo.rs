@@ -12,14 +12,14 @@
 //! State per tensor: `exp_avg` and `graft` (the tensor's size), `factors` and
 //! `roots` (every block's `n_j x n_j` matrices, concatenated in block order).
 
-use faer::{Mat, MatRef};
+use faer::Mat;
 use rayon::prelude::*;
 
 use super::linalg;
 
 use crate::backend::reduce::Sums;
 use crate::clip::GradTransform;
-use crate::config::{Grafting, ShampooConfig};
+use crate::config::{Grafting, RootDtype, ShampooConfig};
 use crate::real::{GradElem, Real};
 
 /// State slot indices.
@@ -281,11 +281,16 @@ fn block_step<T: Real>(
             if !amortize {
                 return 0;
             }
-            let n = dims[j];
-            let a = Mat::<f64>::from_fn(n, n, |a, b| {
-                lj[a * n + b].to_f64x() / bias2 + if a == b { c.epsilon } else { 0.0 }
-            });
-            usize::from(!inverse_root(a.as_ref(), c.epsilon, 2 * dims.len(), rj))
+            let root = RootSpec {
+                n: dims[j],
+                bias2,
+                epsilon: c.epsilon,
+                r: 2 * dims.len(),
+            };
+            let in_factor_precision = c.root_dtype == RootDtype::Factor
+                && std::mem::size_of::<T>() < std::mem::size_of::<f64>()
+                && root.compute::<T, T>(lj, rj);
+            usize::from(!(in_factor_precision || root.compute::<f64, T>(lj, rj)))
         })
         .sum();
 
@@ -382,19 +387,41 @@ fn block_step<T: Real>(
     }
 }
 
-/// Writes `Q diag((mu + shift)^(-1/r)) Q^T` of the symmetric `a` (after the
-/// epsilon shift of SHAMPOO.md E3) into `root`; `false`, leaving `root` as it
-/// was, when the eigendecomposition fails or a value is not finite.
-fn inverse_root<T: Real>(a: MatRef<'_, f64>, epsilon: f64, r: usize, root: &mut [T]) -> bool {
-    let Some(eig) = linalg::sym_eigen(a) else {
-        return false;
-    };
-    let min = eig.values.iter().copied().fold(f64::INFINITY, f64::min);
-    let shift = if min < epsilon { epsilon - min } else { 0.0 };
-    let mut fresh = vec![T::zero(); root.len()];
-    if !linalg::spectral_apply(&eig, |m| (m + shift).powf(-1.0 / r as f64), &mut fresh) {
-        return false;
+/// One inverse root to compute (SHAMPOO.md E2-E4): factor order `n`, the
+/// factor's bias correction, epsilon and the root `r`.
+struct RootSpec {
+    n: usize,
+    bias2: f64,
+    epsilon: f64,
+    r: usize,
+}
+
+impl RootSpec {
+    /// Writes `Q diag((mu + shift)^(-1/r)) Q^T` of `A = L / bias2 + eps*I`
+    /// (eigendecomposition in precision `E`, the epsilon shift of E3) into
+    /// `root`; `false`, leaving `root` as it was, when the eigendecomposition
+    /// fails or a value is not finite.
+    fn compute<E: Real, T: Real>(&self, l: &[T], root: &mut [T]) -> bool {
+        let n = self.n;
+        let a = Mat::<E>::from_fn(n, n, |a, b| {
+            let diag = if a == b { self.epsilon } else { 0.0 };
+            E::from_f64x(l[a * n + b].to_f64x() / self.bias2 + diag)
+        });
+        let Some(eig) = linalg::sym_eigen(a.as_ref()) else {
+            return false;
+        };
+        let min = eig.values.iter().copied().fold(f64::INFINITY, f64::min);
+        let shift = if min < self.epsilon {
+            self.epsilon - min
+        } else {
+            0.0
+        };
+        let mut fresh = vec![T::zero(); root.len()];
+        let exponent = -1.0 / self.r as f64;
+        if !linalg::spectral_apply(&eig, |m| (m + shift).powf(exponent), &mut fresh) {
+            return false;
+        }
+        root.copy_from_slice(&fresh);
+        true
     }
-    root.copy_from_slice(&fresh);
-    true
 }
