@@ -126,6 +126,7 @@ keel_global_finalize(double* tstats, int n, double clip_norm, int lars, double t
                      const double* tparam, float* coef, int lr_slot, double* global) {
     __shared__ double scratch[32];
     __shared__ double shared_s;
+    __shared__ int shared_skip;
     double sq = 0.0, bad = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const double* ts = tstats + (u64)i * KEEL_T_LEN;
@@ -147,10 +148,11 @@ keel_global_finalize(double* tstats, int n, double clip_norm, int lars, double t
         global[KEEL_G_CLIP] = s;
         global[KEEL_G_SKIP] = bad > 0.0 ? 1.0 : 0.0;
         global[3] = 0.0;
-        shared_s = bad > 0.0 ? 0.0 : s;
+        shared_s = s;
+        shared_skip = bad > 0.0;
     }
     __syncthreads();
-    if (!lars || shared_s == 0.0) return;
+    if (!lars || shared_skip) return;
     const double s = shared_s;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         double* ts = tstats + (u64)i * KEEL_T_LEN;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use keel::bench::{self, BenchDtype, BenchOptions};
+use keel::bench::{self, BenchDevice, BenchDtype, BenchOptions, BenchTarget};
 use keel::conformance;
 use keel::{KeelError, OptimizerConfig};
 
@@ -29,7 +29,7 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Time the CPU step (median after warm-up) next to the memory floor.
+    /// Time the step (median after warm-up) next to the memory floor.
     Bench {
         /// Optimizer kind (sgd, adam, adamw, lamb, lars, lion), lr 1e-3 and
         /// the reference defaults otherwise (sgd: momentum 0.9).
@@ -53,6 +53,13 @@ enum Command {
         /// Parameter storage.
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
+        /// Where to run: cpu, cuda (an error without a GPU), or auto (CUDA
+        /// when available, else the CPU).
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        /// Tensors of mixed sizes instead of equal ones.
+        #[arg(long)]
+        mixed_sizes: bool,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -60,6 +67,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+    Auto,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -89,6 +103,8 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             warmup,
             tensors,
             dtype,
+            device,
+            mixed_sizes,
             threads,
             json,
         } => {
@@ -122,7 +138,15 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                     Dtype::Bf16 => BenchDtype::Bf16,
                 },
             };
-            let r = bench::run(&opts)?;
+            let target = BenchTarget {
+                device: match device {
+                    Device::Cpu => BenchDevice::Cpu,
+                    Device::Cuda => BenchDevice::Cuda,
+                    Device::Auto => BenchDevice::Auto,
+                },
+                mixed_sizes,
+            };
+            let r = bench::run_with(&opts, &target)?;
             if json {
                 println!(
                     "{}",
@@ -130,8 +154,8 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 );
             } else {
                 println!(
-                    "{} {:?}: {} params in {} tensor(s), {} threads, median of {} steps",
-                    r.optimizer, r.dtype, r.params, r.tensors, r.threads, r.steps
+                    "{} {:?} on {}: {} params in {} tensor(s), {} threads, median of {} steps",
+                    r.optimizer, r.dtype, r.device, r.params, r.tensors, r.threads, r.steps
                 );
                 println!(
                     "  step   {:9.3} ms  (min {:.3} ms)",

@@ -17,6 +17,7 @@
 //! optimizer for them returns [`crate::KeelError::Cuda`] (use the CPU
 //! backend for them).
 
+pub mod bench;
 pub mod kernels;
 mod optimizer;
 
