@@ -82,5 +82,8 @@ for r in rows:
     gbs = r.get("min_bytes_per_param", 28) * r["params"] / (ms * 1e-3) / 1e9
     print(f'| {r["params"]:,} | {r["tensors"]} | {name} | {ms:.3f} | {gbs:.0f} | {100 * gbs / bw:.0f}% |')
 PY
+if [ -s "$OUT/bench-errors.txt" ]; then
+  { echo; echo "Errors:"; echo '```'; tail -20 "$OUT/bench-errors.txt"; echo '```'; } >> "$OUT/gpu-report.md"
+fi
 cat "$OUT/gpu-report.md"
 exit $status

@@ -171,3 +171,18 @@ fn ptxas_log_parses() {
         (30, 8, 4, 4)
     );
 }
+
+#[test]
+fn a_compile_error_carries_nvrtcs_log() {
+    if !kernels::nvrtc_available() {
+        println!("skipped: libnvrtc not found");
+        return;
+    }
+    let broken = kernels::KernelSource {
+        file: "broken.cu",
+        text: "#include \"common.cuh\"\nextern \"C\" __global__ void k() { keel_no_such_function(); }\n",
+        kernels: &["k"],
+    };
+    let err = kernels::compile(&broken, "sm_90").unwrap_err().to_string();
+    assert!(err.contains("broken.cu") && err.contains("keel_no_such_function"), "{err}");
+}
