@@ -66,6 +66,14 @@ struct KeelPtrs {
 // Per-tensor f32 coefficients of the elementwise kernels (meaning per kernel).
 #define KEEL_COEF_LEN 12
 
+// A compile-time bool as a type, to instantiate a generic lambda twice: for
+// a full group of elements (no bounds checks, so its loads issue back to
+// back) and for the ragged end of a chunk.
+template <bool B>
+struct KeelBool {
+    static constexpr bool value = B;
+};
+
 __device__ __forceinline__ float keel_bf16_to_f32(unsigned short b) {
     return __uint_as_float(((u32)b) << 16);
 }

@@ -10,11 +10,18 @@
 // (reduce.cu): no host synchronization between scan and update.
 //
 // `Op` is the optimizer's per-element math: a constructor that loads its
-// per-tensor coefficients, and `float update(float p, float g, float* s0,
-// float* s1, u64 i)` returning the new parameter. Compiled with
-// --fmad=false, so each formula rounds exactly like the CPU backend's.
+// per-tensor coefficients; `kReadsGrad`, `kSlots` (state buffers it uses,
+// 0-2) and `kWritesState`; and `float update(float p, float g, float& a,
+// float& b)` that updates the state values `a`, `b` in registers and returns
+// the new parameter. Compiled with --fmad=false, so each formula rounds
+// exactly like the CPU backend's.
 
 #include "common.cuh"
+
+// Elements each thread loads before it computes any: the loads of one
+// group are all in flight together (memory-level parallelism a memory-bound
+// kernel needs to approach the device's bandwidth), and the stores follow.
+#define KEEL_ILP 4
 
 template <class Op, bool BF16>
 __device__ __forceinline__ void keel_elementwise(const KeelChunk* chunks, const KeelPtrs* ptrs,
@@ -27,18 +34,46 @@ __device__ __forceinline__ void keel_elementwise(const KeelChunk* chunks, const 
     const KeelChunk c = chunks[blockIdx.x];
     const KeelPtrs t = ptrs[c.tensor];
     const Op op(coef + (u64)c.tensor * KEEL_COEF_LEN);
-    const u64 base = stochastic ? keel_round_base(seed, step, c.tensor) : 0ull;
+    const u64 round_base = stochastic ? keel_round_base(seed, step, c.tensor) : 0ull;
     double psq = 0.0, dsq = 0.0;
-    for (u32 j = threadIdx.x; j < c.len; j += blockDim.x) {
-        const u64 i = c.offset + j;
-        const float p = t.p[i];
-        const float g = Op::kReadsGrad ? keel_prep(keel_grad(t.g, i, BF16), lo, hi, s) : 0.0f;
-        const float np = op.update(p, g, t.s0, t.s1, i);
-        const float d = np - p;
-        t.p[i] = np;
-        keel_write_bf16(t.out, i, np, stochastic, base);
-        psq += (double)p * (double)p;
-        dsq += (double)d * (double)d;
+    auto group = [&](u32 first, auto full) {
+        constexpr bool FULL = decltype(full)::value;
+        float p[KEEL_ILP], g[KEEL_ILP], a[KEEL_ILP], b[KEEL_ILP];
+#pragma unroll
+        for (int u = 0; u < KEEL_ILP; ++u) {
+            const u32 j = first + u * blockDim.x;
+            p[u] = g[u] = a[u] = b[u] = 0.0f;
+            if (FULL || j < c.len) {
+                const u64 i = c.offset + j;
+                p[u] = t.p[i];
+                if (Op::kReadsGrad) g[u] = keel_grad(t.g, i, BF16);
+                if (Op::kSlots > 0) a[u] = t.s0[i];
+                if (Op::kSlots > 1) b[u] = t.s1[i];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < KEEL_ILP; ++u) {
+            const u32 j = first + u * blockDim.x;
+            if (FULL || j < c.len) {
+                const u64 i = c.offset + j;
+                const float gp = Op::kReadsGrad ? keel_prep(g[u], lo, hi, s) : 0.0f;
+                const float np = op.update(p[u], gp, a[u], b[u]);
+                const float d = np - p[u];
+                t.p[i] = np;
+                if (Op::kWritesState && Op::kSlots > 0) t.s0[i] = a[u];
+                if (Op::kWritesState && Op::kSlots > 1) t.s1[i] = b[u];
+                keel_write_bf16(t.out, i, np, stochastic, round_base);
+                psq += (double)p[u] * (double)p[u];
+                dsq += (double)d * (double)d;
+            }
+        }
+    };
+    for (u32 first = threadIdx.x; first < c.len; first += KEEL_ILP * blockDim.x) {
+        if (first + (KEEL_ILP - 1) * blockDim.x < c.len) {
+            group(first, KeelBool<true>());
+        } else {
+            group(first, KeelBool<false>());
+        }
     }
     double* out = partials + 4 * (u64)blockIdx.x;
     double r = keel_block_sum(psq, scratch);

@@ -30,6 +30,9 @@ __device__ void keel_scan_body(const KeelChunk* chunks, const KeelPtrs* ptrs, do
     const KeelChunk c = chunks[blockIdx.x];
     const KeelPtrs t = ptrs[c.tensor];
     double raw = 0.0, clamped = 0.0, psq = 0.0, gp = 0.0;
+    // Unrolled so that several independent loads are in flight per thread
+    // (the loop only reads, so the compiler may hoist them).
+#pragma unroll 4
     for (u32 j = threadIdx.x; j < c.len; j += blockDim.x) {
         u64 i = c.offset + j;
         float g = keel_grad(t.g, i, BF16);

@@ -14,58 +14,57 @@
 // torch SGD with momentum: coef = [lr, wd, keep, take, g_in_d, b_in_d]
 // (first-step and Nesterov choices folded into coefficients, as on the CPU).
 struct KeelSgd {
-    static const bool kReadsGrad = true;
+    static const bool kReadsGrad = true, kWritesState = true;
+    static const int kSlots = 1;
     float lr, wd, keep, take, g_in_d, b_in_d;
     __device__ __forceinline__ explicit KeelSgd(const float* k)
         : lr(k[0]), wd(k[1]), keep(k[2]), take(k[3]), g_in_d(k[4]), b_in_d(k[5]) {}
-    __device__ __forceinline__ float update(float p, float g, float* s0, float*, u64 i) const {
+    __device__ __forceinline__ float update(float p, float g, float& b, float&) const {
         const float gw = g + wd * p;
-        const float b = keep * s0[i] + take * gw;
-        s0[i] = b;
+        b = keep * b + take * gw;
         return p - lr * (g_in_d * gw + b_in_d * b);
     }
 };
 
 // SGD without momentum (no state): same coefficients.
 struct KeelSgdPlain {
-    static const bool kReadsGrad = true;
+    static const bool kReadsGrad = true, kWritesState = false;
+    static const int kSlots = 0;
     float lr, wd;
     __device__ __forceinline__ explicit KeelSgdPlain(const float* k) : lr(k[0]), wd(k[1]) {}
-    __device__ __forceinline__ float update(float p, float g, float*, float*, u64) const {
+    __device__ __forceinline__ float update(float p, float g, float&, float&) const {
         return p - lr * (g + wd * p);
     }
 };
 
 // Adam (coupled L2 when l2 != 0) and AdamW (decay = 1 - lr wd).
 struct KeelAdam {
-    static const bool kReadsGrad = true;
+    static const bool kReadsGrad = true, kWritesState = true;
+    static const int kSlots = 2;
     KeelAdamCoef k;
     __device__ __forceinline__ explicit KeelAdam(const float* c) : k(c) {}
-    __device__ __forceinline__ float update(float p, float g, float* s0, float* s1, u64 i) const {
+    __device__ __forceinline__ float update(float p, float g, float& m, float& v) const {
         float kept = p;
         if (k.l2 != 0.0f) {
             g = g + k.l2 * p;
         } else {
             kept = p * k.decay;
         }
-        float m = s0[i], v = s1[i];
         k.moments(g, m, v);
-        s0[i] = m;
-        s1[i] = v;
         return kept - k.lr * k.direction(m, v);
     }
 };
 
 // optax Lion: coef = [b1, 1-b1, b2, 1-b2, lr, 1 - lr wd]; sign(0) = 0.
 struct KeelLion {
-    static const bool kReadsGrad = true;
+    static const bool kReadsGrad = true, kWritesState = true;
+    static const int kSlots = 1;
     float b1, omb1, b2, omb2, lr, decay;
     __device__ __forceinline__ explicit KeelLion(const float* k)
         : b1(k[0]), omb1(k[1]), b2(k[2]), omb2(k[3]), lr(k[4]), decay(k[5]) {}
-    __device__ __forceinline__ float update(float p, float g, float* s0, float*, u64 i) const {
-        const float m = s0[i];
+    __device__ __forceinline__ float update(float p, float g, float& m, float&) const {
         const float c = b1 * m + omb1 * g;
-        s0[i] = b2 * m + omb2 * g;
+        m = b2 * m + omb2 * g;
         const float sign = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f);
         return p * decay - lr * sign;
     }

@@ -20,14 +20,14 @@
 // ratio was folded into coef[1] by keel_global_finalize.
 #define KEEL_LARS_LR 1
 struct KeelLars {
-    static const bool kReadsGrad = true;
+    static const bool kReadsGrad = true, kWritesState = true;
+    static const int kSlots = 1;
     float wd, lr_trust, momentum, u_in_d, b_in_d;
     __device__ __forceinline__ explicit KeelLars(const float* k)
         : wd(k[0]), lr_trust(k[1]), momentum(k[2]), u_in_d(k[3]), b_in_d(k[4]) {}
-    __device__ __forceinline__ float update(float p, float g, float* s0, float*, u64 i) const {
+    __device__ __forceinline__ float update(float p, float g, float& b, float&) const {
         const float u = lr_trust * (g + wd * p);
-        const float b = u + momentum * s0[i];
-        s0[i] = b;
+        b = u + momentum * b;
         return p - (u_in_d * u + b_in_d * b);
     }
 };
@@ -35,11 +35,12 @@ struct KeelLars {
 // Pass B: p = p decay - lr (u + wd_dir p), u from the stored m, v; reads no
 // gradient.
 struct KeelAdamApply {
-    static const bool kReadsGrad = false;
+    static const bool kReadsGrad = false, kWritesState = false;
+    static const int kSlots = 2;
     KeelAdamCoef k;
     __device__ __forceinline__ explicit KeelAdamApply(const float* c) : k(c) {}
-    __device__ __forceinline__ float update(float p, float, float* s0, float* s1, u64 i) const {
-        return p * k.decay - k.lr * (k.direction(s0[i], s1[i]) + k.wd_dir * p);
+    __device__ __forceinline__ float update(float p, float, float& m, float& v) const {
+        return p * k.decay - k.lr * (k.direction(m, v) + k.wd_dir * p);
     }
 };
 
@@ -65,20 +66,44 @@ __device__ __forceinline__ void keel_moments(const KeelChunk* chunks, const Keel
     const KeelPtrs t = ptrs[c.tensor];
     const KeelAdamCoef k(coef + (u64)c.tensor * KEEL_COEF_LEN);
     double psq = 0.0, usq = 0.0;
-    for (u32 j = threadIdx.x; j < c.len; j += blockDim.x) {
-        const u64 i = c.offset + j;
-        const float g = keel_prep(keel_grad(t.g, i, BF16), lo, hi, s);
-        float m = t.s0[i], v = t.s1[i];
-        k.moments(g, m, v);
-        t.s0[i] = m;
-        t.s1[i] = v;
-        float u = k.direction(m, v);
-        if (WITH_P) {
-            const float p = t.p[i];
-            u = u + k.wd_dir * p;
-            psq += (double)p * (double)p;
+    auto group = [&](u32 first, auto full) {
+        constexpr bool FULL = decltype(full)::value;
+        float g[KEEL_ILP], m[KEEL_ILP], v[KEEL_ILP], p[KEEL_ILP];
+#pragma unroll
+        for (int u = 0; u < KEEL_ILP; ++u) {
+            const u32 j = first + u * blockDim.x;
+            g[u] = m[u] = v[u] = p[u] = 0.0f;
+            if (FULL || j < c.len) {
+                const u64 i = c.offset + j;
+                g[u] = keel_grad(t.g, i, BF16);
+                m[u] = t.s0[i];
+                v[u] = t.s1[i];
+                if (WITH_P) p[u] = t.p[i];
+            }
         }
-        usq += (double)u * (double)u;
+#pragma unroll
+        for (int u = 0; u < KEEL_ILP; ++u) {
+            const u32 j = first + u * blockDim.x;
+            if (FULL || j < c.len) {
+                const u64 i = c.offset + j;
+                k.moments(keel_prep(g[u], lo, hi, s), m[u], v[u]);
+                t.s0[i] = m[u];
+                t.s1[i] = v[u];
+                float dir = k.direction(m[u], v[u]);
+                if (WITH_P) {
+                    dir = dir + k.wd_dir * p[u];
+                    psq += (double)p[u] * (double)p[u];
+                }
+                usq += (double)dir * (double)dir;
+            }
+        }
+    };
+    for (u32 first = threadIdx.x; first < c.len; first += KEEL_ILP * blockDim.x) {
+        if (first + (KEEL_ILP - 1) * blockDim.x < c.len) {
+            group(first, KeelBool<true>());
+        } else {
+            group(first, KeelBool<false>());
+        }
     }
     double* out = partials + 4 * (u64)blockIdx.x;
     double r = keel_block_sum(psq, scratch);

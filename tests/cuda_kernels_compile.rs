@@ -5,7 +5,8 @@
 //! `ptxas` on `PATH`); `.ci/run` fetches both from the pinned PyPI wheels.
 //! Without them the test prints why and passes, unless `KEEL_REQUIRE_NVRTC=1`
 //! (CI sets it), where their absence fails it. Prints registers per kernel;
-//! with `KEEL_REGISTER_TABLE=path` also writes them there as a Markdown table.
+//! with `KEEL_REGISTER_TABLE=path` also writes them there as a Markdown table,
+//! and with `KEEL_PTX_DIR=dir` keeps the PTX there.
 #![cfg(feature = "cuda")]
 
 use std::collections::BTreeMap;
@@ -94,6 +95,14 @@ fn kernels_compile_without_spills() {
             };
             let path = dir.path().join(format!("{}.{arch}.ptx", source.file));
             std::fs::write(&path, &ptx).expect("write ptx");
+            if let Ok(keep) = std::env::var("KEEL_PTX_DIR") {
+                std::fs::create_dir_all(&keep).expect("create KEEL_PTX_DIR");
+                std::fs::copy(
+                    &path,
+                    std::path::Path::new(&keep).join(path.file_name().expect("name")),
+                )
+                .expect("copy ptx");
+            }
             let out = match Command::new(&ptxas)
                 .arg(format!("-arch={arch}"))
                 .arg("-v")
@@ -184,5 +193,8 @@ fn a_compile_error_carries_nvrtcs_log() {
         kernels: &["k"],
     };
     let err = kernels::compile(&broken, "sm_90").unwrap_err().to_string();
-    assert!(err.contains("broken.cu") && err.contains("keel_no_such_function"), "{err}");
+    assert!(
+        err.contains("broken.cu") && err.contains("keel_no_such_function"),
+        "{err}"
+    );
 }

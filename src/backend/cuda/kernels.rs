@@ -115,13 +115,17 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// The NVRTC options of every kernel: the target architecture (`sm_90`),
-/// and no fused multiply-add contraction, so each formula rounds exactly as
-/// the CPU backend's (which enables no FMA either).
+/// The NVRTC options of every kernel: the target architecture (`sm_90`);
+/// no fused multiply-add contraction, so each formula rounds exactly as the
+/// CPU backend's (which enables no FMA either); and unannotated functions
+/// (the kernels' local lambdas) compiled for the device.
 fn options(arch: &str) -> CompileOptions {
     CompileOptions {
         fmad: Some(false),
-        options: vec![format!("--gpu-architecture={arch}")],
+        options: vec![
+            format!("--gpu-architecture={arch}"),
+            "--device-as-default-execution-space".into(),
+        ],
         name: None,
         ..Default::default()
     }
