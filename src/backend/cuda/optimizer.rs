@@ -71,16 +71,41 @@ struct Core {
     state: Vec<Vec<CudaSlice<f32>>>,
     step: u64,
     nchunks: usize,
-    /// Per chunk: `tensor | len << 32`, then the offset.
-    chunks: CudaSlice<u64>,
+    // Buffers only kernels read (through `addr`), held so they live as long
+    // as the optimizer. Per chunk: `tensor | len << 32`, then the offset.
+    _chunks: CudaSlice<u64>,
     /// Tensor `i`'s chunks are `chunk_start[i]..chunk_start[i + 1]`.
-    chunk_start: CudaSlice<i32>,
+    _chunk_start: CudaSlice<i32>,
     ptrs: CudaSlice<u64>,
     coef: CudaSlice<f32>,
     tparam: CudaSlice<f64>,
-    partials: CudaSlice<f64>,
+    /// Per-chunk partial sums (four doubles per chunk).
+    _partials: CudaSlice<f64>,
     tstats: CudaSlice<f64>,
     global: CudaSlice<f64>,
+    /// The device addresses of the buffers above, passed to kernels as plain
+    /// values: they live on this stream only, so cudarc's per-argument event
+    /// tracking (microseconds per launch) buys nothing for them.
+    addr: Addrs,
+}
+
+/// Device addresses of [`Core`]'s own buffers.
+#[derive(Debug, Clone, Copy)]
+struct Addrs {
+    chunks: u64,
+    chunk_start: u64,
+    ptrs: u64,
+    coef: u64,
+    tparam: u64,
+    partials: u64,
+    tstats: u64,
+    global: u64,
+}
+
+/// The device address of `slice` (valid while it lives).
+fn addr<T>(slice: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (ptr, _sync) = slice.device_ptr(stream);
+    ptr
 }
 
 impl std::fmt::Debug for Core {
@@ -165,19 +190,38 @@ impl Core {
             state.push(slots);
         }
         table.resize(table.len().max(2), 0);
+        let chunks = stream.clone_htod(&table).map_err(cuda_err)?;
+        let chunk_start = stream.clone_htod(&chunk_start).map_err(cuda_err)?;
+        let ptrs = stream
+            .alloc_zeros::<u64>((n * PTRS_LEN).max(1))
+            .map_err(cuda_err)?;
+        let coef = stream
+            .alloc_zeros::<f32>((n * COEF_LEN).max(1))
+            .map_err(cuda_err)?;
+        let tparam = alloc_f64(n * P_LEN)?;
+        let partials = alloc_f64(nchunks * 4)?;
+        let tstats = alloc_f64(n * T_LEN)?;
+        let global = alloc_f64(G_LEN)?;
+        let addr = Addrs {
+            chunks: addr(&chunks, &stream),
+            chunk_start: addr(&chunk_start, &stream),
+            ptrs: addr(&ptrs, &stream),
+            coef: addr(&coef, &stream),
+            tparam: addr(&tparam, &stream),
+            partials: addr(&partials, &stream),
+            tstats: addr(&tstats, &stream),
+            global: addr(&global, &stream),
+        };
         Ok(Core {
-            chunks: stream.clone_htod(&table).map_err(cuda_err)?,
-            chunk_start: stream.clone_htod(&chunk_start).map_err(cuda_err)?,
-            ptrs: stream
-                .alloc_zeros::<u64>((n * PTRS_LEN).max(1))
-                .map_err(cuda_err)?,
-            coef: stream
-                .alloc_zeros::<f32>((n * COEF_LEN).max(1))
-                .map_err(cuda_err)?,
-            tparam: alloc_f64(n * P_LEN)?,
-            partials: alloc_f64(nchunks * 4)?,
-            tstats: alloc_f64(n * T_LEN)?,
-            global: alloc_f64(G_LEN)?,
+            _chunks: chunks,
+            _chunk_start: chunk_start,
+            ptrs,
+            coef,
+            tparam,
+            _partials: partials,
+            tstats,
+            global,
+            addr,
             nchunks,
             ctx,
             stream,
@@ -315,6 +359,7 @@ impl Core {
         let chunk_cfg = launch_cfg(self.nchunks, BLOCK)?;
         let tensor_cfg = launch_cfg(n, BLOCK)?;
         let k = self.kernels.clone();
+        let a = self.addr;
         let has_chunks = self.nchunks > 0;
 
         // 1. Scan, per-tensor sums, global norm / clip factor / skip flag.
@@ -323,9 +368,9 @@ impl Core {
         if has_chunks {
             let f = k.get(&format!("keel_scan_{suffix}"))?;
             let mut b = s.launch_builder(f);
-            b.arg(&self.chunks)
-                .arg(&self.ptrs)
-                .arg(&mut self.partials)
+            b.arg(&a.chunks)
+                .arg(&a.ptrs)
+                .arg(&a.partials)
                 .arg(&lo)
                 .arg(&hi)
                 .arg(&with_params);
@@ -342,16 +387,16 @@ impl Core {
             let n_i32 = n as i32;
             let f = k.get("keel_global_finalize")?;
             let mut b = s.launch_builder(f);
-            b.arg(&mut self.tstats)
+            b.arg(&a.tstats)
                 .arg(&n_i32)
                 .arg(&clip_norm)
                 .arg(&lars)
                 .arg(&tc)
                 .arg(&eps)
-                .arg(&self.tparam)
-                .arg(&mut self.coef)
+                .arg(&a.tparam)
+                .arg(&a.coef)
                 .arg(&LARS_LR)
-                .arg(&mut self.global);
+                .arg(&a.global);
             // SAFETY: matches keel_global_finalize's signature.
             unsafe { b.launch(launch_cfg(1, 1024)?) }.map_err(cuda_err)?;
         }
@@ -377,11 +422,11 @@ impl Core {
                 Some(name) => {
                     let f = k.get(&format!("{name}_{suffix}"))?;
                     let mut b = s.launch_builder(f);
-                    b.arg(&self.chunks)
-                        .arg(&self.ptrs)
-                        .arg(&self.coef)
-                        .arg(&self.global)
-                        .arg(&mut self.partials)
+                    b.arg(&a.chunks)
+                        .arg(&a.ptrs)
+                        .arg(&a.coef)
+                        .arg(&a.global)
+                        .arg(&a.partials)
                         .arg(&lo)
                         .arg(&hi)
                         .arg(&stochastic)
@@ -407,11 +452,11 @@ impl Core {
                     };
                     let f = k.get(&format!("{moments}_{suffix}"))?;
                     let mut b = s.launch_builder(f);
-                    b.arg(&self.chunks)
-                        .arg(&self.ptrs)
-                        .arg(&self.coef)
-                        .arg(&self.global)
-                        .arg(&mut self.partials)
+                    b.arg(&a.chunks)
+                        .arg(&a.ptrs)
+                        .arg(&a.coef)
+                        .arg(&a.global)
+                        .arg(&a.partials)
                         .arg(&lo)
                         .arg(&hi);
                     // SAFETY: matches the KEEL_MOMENT_KERNELS signature.
@@ -419,11 +464,11 @@ impl Core {
                     self.tensor_sums(&k, tensor_cfg, 2, T_PARAM_SQ, mode, ADAM_LR, max_rms)?;
                     let f = k.get("keel_adam_apply")?;
                     let mut b = self.stream.launch_builder(f);
-                    b.arg(&self.chunks)
-                        .arg(&self.ptrs)
-                        .arg(&self.coef)
-                        .arg(&self.global)
-                        .arg(&mut self.partials)
+                    b.arg(&a.chunks)
+                        .arg(&a.ptrs)
+                        .arg(&a.coef)
+                        .arg(&a.global)
+                        .arg(&a.partials)
                         .arg(&stochastic)
                         .arg(&seed)
                         .arg(&round_step);
@@ -457,18 +502,19 @@ impl Core {
             return Ok(());
         }
         let f = k.get("keel_tensor_sums")?;
+        let a = self.addr;
         let mut b = self.stream.launch_builder(f);
-        b.arg(&self.partials)
+        b.arg(&a.partials)
             .arg(&width)
-            .arg(&self.chunk_start)
-            .arg(&mut self.tstats)
+            .arg(&a.chunk_start)
+            .arg(&a.tstats)
             .arg(&slot)
             .arg(&mode)
-            .arg(&self.tparam)
-            .arg(&mut self.coef)
+            .arg(&a.tparam)
+            .arg(&a.coef)
             .arg(&lr_slot)
             .arg(&max_rms)
-            .arg(&self.global);
+            .arg(&a.global);
         // SAFETY: matches keel_tensor_sums's signature.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
