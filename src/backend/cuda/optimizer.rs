@@ -76,13 +76,14 @@ struct Core {
     _chunks: CudaSlice<u64>,
     /// Tensor `i`'s chunks are `chunk_start[i]..chunk_start[i + 1]`.
     _chunk_start: CudaSlice<i32>,
-    ptrs: CudaSlice<u64>,
-    coef: CudaSlice<f32>,
-    tparam: CudaSlice<f64>,
+    /// The step's host inputs, uploaded in one copy: per tensor the five
+    /// buffer addresses, then the f32 coefficients (two per word), then the
+    /// f64 per-tensor inputs.
+    inputs: CudaSlice<u64>,
     /// Per-chunk partial sums (four doubles per chunk).
     _partials: CudaSlice<f64>,
-    tstats: CudaSlice<f64>,
-    global: CudaSlice<f64>,
+    /// Per-tensor statistics, then the global scalars: read back in one copy.
+    outputs: CudaSlice<f64>,
     /// The device addresses of the buffers above, passed to kernels as plain
     /// values: they live on this stream only, so cudarc's per-argument event
     /// tracking (microseconds per launch) buys nothing for them.
@@ -100,6 +101,11 @@ struct Addrs {
     partials: u64,
     tstats: u64,
     global: u64,
+}
+
+/// Words of [`Core::inputs`] for `n` tensors.
+fn input_words(n: usize) -> usize {
+    n * PTRS_LEN + (n * COEF_LEN).div_ceil(2) + n * P_LEN
 }
 
 /// The device address of `slice` (valid while it lives).
@@ -192,35 +198,29 @@ impl Core {
         table.resize(table.len().max(2), 0);
         let chunks = stream.clone_htod(&table).map_err(cuda_err)?;
         let chunk_start = stream.clone_htod(&chunk_start).map_err(cuda_err)?;
-        let ptrs = stream
-            .alloc_zeros::<u64>((n * PTRS_LEN).max(1))
+        let inputs = stream
+            .alloc_zeros::<u64>(input_words(n).max(1))
             .map_err(cuda_err)?;
-        let coef = stream
-            .alloc_zeros::<f32>((n * COEF_LEN).max(1))
-            .map_err(cuda_err)?;
-        let tparam = alloc_f64(n * P_LEN)?;
         let partials = alloc_f64(nchunks * 4)?;
-        let tstats = alloc_f64(n * T_LEN)?;
-        let global = alloc_f64(G_LEN)?;
+        let outputs = alloc_f64(n * T_LEN + G_LEN)?;
+        let (input_base, output_base) = (addr(&inputs, &stream), addr(&outputs, &stream));
+        let coef = input_base + 8 * (n * PTRS_LEN) as u64;
         let addr = Addrs {
             chunks: addr(&chunks, &stream),
             chunk_start: addr(&chunk_start, &stream),
-            ptrs: addr(&ptrs, &stream),
-            coef: addr(&coef, &stream),
-            tparam: addr(&tparam, &stream),
+            ptrs: input_base,
+            coef,
+            tparam: coef + 8 * (n * COEF_LEN).div_ceil(2) as u64,
             partials: addr(&partials, &stream),
-            tstats: addr(&tstats, &stream),
-            global: addr(&global, &stream),
+            tstats: output_base,
+            global: output_base + 8 * (n * T_LEN) as u64,
         };
         Ok(Core {
             _chunks: chunks,
             _chunk_start: chunk_start,
-            ptrs,
-            coef,
-            tparam,
+            inputs,
             _partials: partials,
-            tstats,
-            global,
+            outputs,
             addr,
             nchunks,
             ctx,
@@ -345,10 +345,20 @@ impl Core {
         let stream = self.stream.clone();
         let s = &stream;
         if n > 0 {
-            s.memcpy_htod(&bufs.ptrs, &mut self.ptrs)
-                .map_err(cuda_err)?;
-            s.memcpy_htod(&coef, &mut self.coef).map_err(cuda_err)?;
-            s.memcpy_htod(&tparam, &mut self.tparam).map_err(cuda_err)?;
+            // One upload (each copy from pageable memory waits for the stream).
+            let mut words = bufs.ptrs;
+            words.extend(coef.chunks(2).map(|c| {
+                c[0].to_bits() as u64 | (c.get(1).map_or(0, |x| x.to_bits()) as u64) << 32
+            }));
+            words.extend(tparam.iter().map(|x| x.to_bits()));
+            if words.len() != input_words(n) {
+                return Err(KeelError::Cuda(format!(
+                    "internal: {} input words for {n} tensors, expected {}",
+                    words.len(),
+                    input_words(n)
+                )));
+            }
+            s.memcpy_htod(&words, &mut self.inputs).map_err(cuda_err)?;
         }
         let (lo, hi) = match self.config.clip_value {
             Some(c) => (-c as f32, c as f32),
@@ -481,9 +491,9 @@ impl Core {
         if has_chunks {
             self.tensor_sums(&k, tensor_cfg, 2, T_PARAM_SQ, SUMS_STORE, 0, 0.0)?;
         }
-        let tstats = self.stream.clone_dtoh(&self.tstats).map_err(cuda_err)?;
-        let global = self.stream.clone_dtoh(&self.global).map_err(cuda_err)?;
-        self.stats(&tstats, &global, has_chunks)
+        let out = self.stream.clone_dtoh(&self.outputs).map_err(cuda_err)?;
+        let (tstats, global) = out.split_at(n * T_LEN);
+        self.stats(tstats, global, has_chunks)
     }
 
     /// Launches `keel_tensor_sums` (see reduce.cu).
