@@ -103,6 +103,24 @@ struct Addrs {
     global: u64,
 }
 
+/// A device copy of `host`; at least one element, as the driver refuses
+/// empty allocations (tensors with no elements keep a one-element buffer that
+/// no kernel touches).
+fn to_device(stream: &Arc<CudaStream>, host: &[f32]) -> Result<CudaSlice<f32>> {
+    if host.is_empty() {
+        stream.alloc_zeros::<f32>(1).map_err(cuda_err)
+    } else {
+        stream.clone_htod(host).map_err(cuda_err)
+    }
+}
+
+/// The first `len` elements of `dev` on the host (see [`to_device`]).
+fn to_host(stream: &Arc<CudaStream>, dev: &CudaSlice<f32>, len: usize) -> Result<Vec<f32>> {
+    let mut v = stream.clone_dtoh(dev).map_err(cuda_err)?;
+    v.truncate(len);
+    Ok(v)
+}
+
 /// Words of [`Core::inputs`] for `n` tensors.
 fn input_words(n: usize) -> usize {
     n * PTRS_LEN + (n * COEF_LEN).div_ceil(2) + n * P_LEN
@@ -191,7 +209,11 @@ impl Core {
         for spec in &specs {
             let mut slots = Vec::new();
             for _ in state_slots(&config.kind) {
-                slots.push(stream.alloc_zeros::<f32>(spec.numel()).map_err(cuda_err)?);
+                slots.push(
+                    stream
+                        .alloc_zeros::<f32>(spec.numel().max(1))
+                        .map_err(cuda_err)?,
+                );
             }
             state.push(slots);
         }
@@ -609,7 +631,7 @@ impl Core {
                 tensors.push(StateTensor {
                     name: format!("{}/{}", spec.name, slot),
                     shape: spec.shape.clone(),
-                    data: StateData::F32(self.stream.clone_dtoh(data).map_err(cuda_err)?),
+                    data: StateData::F32(to_host(&self.stream, data, spec.numel())?),
                 });
             }
         }
@@ -656,7 +678,7 @@ impl Core {
         for bufs in &host {
             let mut dev = Vec::with_capacity(bufs.len());
             for b in bufs {
-                dev.push(self.stream.clone_htod(b).map_err(cuda_err)?);
+                dev.push(to_device(&self.stream, b)?);
             }
             state.push(dev);
         }
@@ -808,7 +830,7 @@ impl CudaOptimizer {
             return Ok(None);
         };
         match self.core.state.get(tensor) {
-            Some(s) => self.download(&s[i]).map(Some),
+            Some(s) => to_host(&self.core.stream, &s[i], self.core.specs[tensor].numel()).map(Some),
             None => Ok(None),
         }
     }
@@ -914,7 +936,7 @@ impl CudaMixedPrecisionOptimizer {
                 .iter()
                 .map(|x| x.to_f32())
                 .collect();
-            master.push(core.stream.clone_htod(&host).map_err(cuda_err)?);
+            master.push(to_device(&core.stream, &host)?);
         }
         Ok(CudaMixedPrecisionOptimizer {
             core,
@@ -929,7 +951,7 @@ impl CudaMixedPrecisionOptimizer {
             .master
             .get(tensor)
             .ok_or_else(|| KeelError::shape("master", format!("no parameter {tensor}")))?;
-        self.core.stream.clone_dtoh(m).map_err(cuda_err)
+        to_host(&self.core.stream, m, self.core.specs[tensor].numel())
     }
 
     /// The stream every step runs on.
@@ -1005,7 +1027,7 @@ impl Optimizer for CudaMixedPrecisionOptimizer {
             sd.tensors.push(StateTensor {
                 name: format!("{}/master", spec.name),
                 shape: spec.shape.clone(),
-                data: StateData::F32(self.core.stream.clone_dtoh(m).map_err(cuda_err)?),
+                data: StateData::F32(to_host(&self.core.stream, m, spec.numel())?),
             });
         }
         let rounding =
@@ -1032,7 +1054,7 @@ impl Optimizer for CudaMixedPrecisionOptimizer {
         self.core.load_state_dict(sd)?;
         let mut dev = Vec::with_capacity(master.len());
         for m in &master {
-            dev.push(self.core.stream.clone_htod(m).map_err(cuda_err)?);
+            dev.push(to_device(&self.core.stream, m)?);
         }
         self.master = dev;
         self.rounding = rounding;
