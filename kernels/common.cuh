@@ -107,8 +107,8 @@ __device__ __forceinline__ unsigned short keel_bf16_stochastic(float x, u64 nois
     return y;
 }
 
-// Writes the bf16 copy of element `i` of tensor `tensor`: `seed_base` is
-// 0 for nearest, else the stochastic hash base of this (seed, step).
+// Writes the bf16 copy of element `i` (nearest unless `stochastic`, then with
+// the noise of hash `tensor_base + i`; no copy when `out` is null).
 __device__ __forceinline__ void keel_write_bf16(unsigned short* out, u64 i, float x,
                                                  int stochastic, u64 tensor_base) {
     if (out == 0) return;
