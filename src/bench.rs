@@ -31,6 +31,30 @@ pub enum BenchDtype {
     Bf16,
 }
 
+/// Where `keel bench` runs the step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchDevice {
+    /// The CPU backend.
+    #[default]
+    Cpu,
+    /// The CUDA backend (feature `cuda`); an error without a device.
+    Cuda,
+    /// CUDA when a device is available, else the CPU.
+    Auto,
+}
+
+/// Where, and over which tensor sizes, [`run_with`] times the step.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BenchTarget {
+    /// The device.
+    pub device: BenchDevice,
+    /// Split the parameters into tensors of mixed sizes (a spread of 1 to
+    /// 2048 relative sizes, like a model's matrices, norms and biases)
+    /// instead of equal ones.
+    pub mixed_sizes: bool,
+}
+
 /// What to time.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
@@ -53,6 +77,8 @@ pub struct BenchOptions {
 pub struct BenchReport {
     /// Optimizer kind.
     pub optimizer: String,
+    /// Where it ran: `cpu`, or `cuda:<device name>`.
+    pub device: String,
     /// Total parameters.
     pub params: usize,
     /// Tensors.
@@ -81,7 +107,7 @@ pub struct BenchReport {
     pub pct_of_floor: f64,
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     let n = xs.len();
     if n % 2 == 1 {
@@ -92,7 +118,7 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// Deterministic pseudo-random values in [-scale, scale).
-fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+pub(crate) fn fill(n: usize, seed: u64, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..n)
         .map(|_| {
@@ -109,6 +135,61 @@ fn sizes(params: usize, tensors: usize) -> Vec<usize> {
     let mut v = vec![base; tensors];
     v[tensors - 1] += params - base * tensors;
     v
+}
+
+/// `tensors` sizes summing to `params`: equal, or (mixed) proportional to
+/// `2^(i mod 12)`, each at least 1.
+pub(crate) fn size_list(params: usize, tensors: usize, mixed: bool) -> Vec<usize> {
+    if !mixed {
+        return sizes(params, tensors);
+    }
+    let weight = |i: usize| 1usize << (i % 12);
+    let total: usize = (0..tensors).map(weight).sum();
+    let mut v: Vec<usize> = (0..tensors)
+        .map(|i| ((params as u128 * weight(i) as u128 / total as u128) as usize).max(1))
+        .collect();
+    let used: usize = v.iter().sum();
+    // Rounding leaves a remainder (or, with many size-1 tensors, an excess):
+    // settle it on the largest tensor.
+    let big = (0..tensors).max_by_key(|&i| v[i]).unwrap_or(0);
+    v[big] = (v[big] + params).saturating_sub(used).max(1);
+    v
+}
+
+/// Times the step on `target.device` (see [`BenchDevice`]); [`run`] is the
+/// CPU with equal tensor sizes.
+pub fn run_with(opts: &BenchOptions, target: &BenchTarget) -> Result<BenchReport> {
+    let cuda = match target.device {
+        BenchDevice::Cpu => false,
+        BenchDevice::Cuda => true,
+        BenchDevice::Auto => cuda_usable(),
+    };
+    if cuda {
+        return run_cuda(opts, target.mixed_sizes);
+    }
+    run_cpu(opts, target.mixed_sizes)
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_usable() -> bool {
+    crate::backend::cuda::cuda_available(0).is_ok()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_usable() -> bool {
+    false
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(opts: &BenchOptions, mixed: bool) -> Result<BenchReport> {
+    crate::backend::cuda::bench::run(opts, &size_list(opts.params, opts.tensors, mixed))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_: &BenchOptions, _: bool) -> Result<BenchReport> {
+    Err(KeelError::Cuda(
+        "this keel was built without the `cuda` feature (cargo build --features cuda)".into(),
+    ))
 }
 
 /// Times `step` and `floor` alternately in runs of [`RUN`] (so both see the
@@ -193,8 +274,13 @@ fn floor_step(p: &mut [Vec<f32>], g: &[Vec<f32>], state: &mut [Vec<Vec<f32>>]) {
         });
 }
 
-/// Times the optimizer step and the floor loop on the same sizes.
+/// Times the optimizer step and the floor loop on the same sizes (CPU).
 pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
+    run_cpu(opts, false)
+}
+
+/// Checks the sizes of a benchmark.
+pub(crate) fn check_options(opts: &BenchOptions) -> Result<()> {
     if opts.params == 0 || opts.tensors == 0 || opts.tensors > opts.params {
         return Err(KeelError::config(
             "bench",
@@ -207,8 +293,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     if opts.steps == 0 {
         return Err(KeelError::config("bench.steps", "must be at least 1"));
     }
-    opts.config.validate()?;
-    let sizes = sizes(opts.params, opts.tensors);
+    opts.config.validate()
+}
+
+fn run_cpu(opts: &BenchOptions, mixed: bool) -> Result<BenchReport> {
+    check_options(opts)?;
+    let sizes = size_list(opts.params, opts.tensors, mixed);
     // Matrix optimizers get [n / MATRIX_COLS, MATRIX_COLS] matrices (a long
     // vector would give Shampoo one D x D factor per D elements).
     let matrix = matches!(
@@ -302,6 +392,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let gb = |b: usize, ms: f64| b as f64 * opts.params as f64 / (ms * 1e-3) / 1e9;
     Ok(BenchReport {
         optimizer: opts.config.kind.name().to_string(),
+        device: "cpu".to_string(),
         params: opts.params,
         tensors: opts.tensors,
         dtype: opts.dtype,

@@ -38,6 +38,10 @@ pub enum KeelError {
     /// A state dict does not fit the optimizer it is loaded into.
     #[error("state does not match the optimizer: {0}")]
     State(String),
+    /// The CUDA backend is unavailable or failed (no driver, no device, a
+    /// kernel that did not compile, an unsupported optimizer on CUDA).
+    #[error("cuda: {0}")]
+    Cuda(String),
     /// A conformance case file could not be read or understood.
     #[error("conformance case `{}`: {message}", path.display())]
     Case {

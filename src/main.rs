@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use keel::bench::{self, BenchDtype, BenchModel, BenchOptions};
+use keel::bench::{self, BenchDevice, BenchDtype, BenchModel, BenchOptions, BenchTarget};
 use keel::conformance;
 use keel::gpt::bench::{self as gpt_bench, GptBenchOptions};
 use keel::gpt::GptConfig;
@@ -31,7 +31,7 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Time the CPU step (median after warm-up) next to the memory floor.
+    /// Time the step (median after warm-up) next to the memory floor.
     Bench {
         /// Optimizer kind (sgd, adam, adamw, lamb, lars, lion), lr 1e-3 and
         /// the reference defaults otherwise (sgd: momentum 0.9).
@@ -55,6 +55,13 @@ enum Command {
         /// Parameter storage.
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
+        /// Where to run: cpu, cuda (an error without a GPU), or auto (CUDA
+        /// when available, else the CPU).
+        #[arg(long, value_enum, default_value_t = Device::Cpu)]
+        device: Device,
+        /// Tensors of mixed sizes instead of equal ones.
+        #[arg(long)]
+        mixed_sizes: bool,
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
@@ -114,6 +121,13 @@ enum Model {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum Dtype {
     F32,
     Bf16,
@@ -141,6 +155,8 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             warmup,
             tensors,
             dtype,
+            device,
+            mixed_sizes,
             threads,
             json,
             model,
@@ -165,6 +181,12 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                     .map_err(|e| KeelError::config("threads", e.to_string()))?;
             }
             if let Some(model) = model {
+                if matches!(device, Device::Cuda) {
+                    return Err(KeelError::config(
+                        "device",
+                        "--model runs on the CPU (the CUDA backend has no matrix optimizers yet)",
+                    ));
+                }
                 let model = match model {
                     Model::GptSmall => BenchModel::GptSmall,
                 };
@@ -201,7 +223,15 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                     Dtype::Bf16 => BenchDtype::Bf16,
                 },
             };
-            let r = bench::run(&opts)?;
+            let target = BenchTarget {
+                device: match device {
+                    Device::Cpu => BenchDevice::Cpu,
+                    Device::Cuda => BenchDevice::Cuda,
+                    Device::Auto => BenchDevice::Auto,
+                },
+                mixed_sizes,
+            };
+            let r = bench::run_with(&opts, &target)?;
             if json {
                 println!(
                     "{}",
@@ -209,8 +239,8 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 );
             } else {
                 println!(
-                    "{} {:?}: {} params in {} tensor(s), {} threads, median of {} steps",
-                    r.optimizer, r.dtype, r.params, r.tensors, r.threads, r.steps
+                    "{} {:?} on {}: {} params in {} tensor(s), {} threads, median of {} steps",
+                    r.optimizer, r.dtype, r.device, r.params, r.tensors, r.threads, r.steps
                 );
                 println!(
                     "  step   {:9.3} ms  (min {:.3} ms)",
