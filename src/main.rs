@@ -175,10 +175,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 }
             };
             if let Some(t) = threads {
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(t)
-                    .build_global()
-                    .map_err(|e| KeelError::config("threads", e.to_string()))?;
+                set_threads(t)?;
             }
             if let Some(model) = model {
                 if matches!(device, Device::Cuda) {
@@ -192,10 +189,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 };
                 let r = bench::run_model(&config, model, steps, warmup)?;
                 if json {
-                    println!(
-                        "{}",
-                        serde_json::to_string(&r).map_err(|e| KeelError::State(e.to_string()))?
-                    );
+                    print_json(&r)?;
                 } else {
                     println!(
                         "{} on {}: {} params in {} tensors, {} threads, {} steps, precondition frequency {}",
@@ -233,10 +227,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             };
             let r = bench::run_with(&opts, &target)?;
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&r).map_err(|e| KeelError::State(e.to_string()))?
-                );
+                print_json(&r)?;
             } else {
                 println!(
                     "{} {:?} on {}: {} params in {} tensor(s), {} threads, median of {} steps",
@@ -293,10 +284,7 @@ fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {
 
 fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
     if let Some(t) = a.threads {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .map_err(|e| KeelError::config("threads", e.to_string()))?;
+        set_threads(t)?;
     }
     let config = GptConfig::new(a.vocab_size, a.seq_len, a.n_layer, a.n_head, a.n_embd);
     let r = gpt_bench::run(&GptBenchOptions {
@@ -307,10 +295,7 @@ fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
         warmup: a.warmup,
     })?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&r).map_err(|e| KeelError::State(e.to_string()))?
-        );
+        print_json(&r)?;
     } else {
         println!(
             "gpt f32 B={} T={} C={} L={} H={} V={} ({} params), {} threads, median of {} steps",
@@ -330,4 +315,19 @@ fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints one report as a JSON line.
+fn print_json(report: &impl serde::Serialize) -> Result<(), KeelError> {
+    let line = serde_json::to_string(report).map_err(|e| KeelError::State(e.to_string()))?;
+    println!("{line}");
+    Ok(())
+}
+
+/// Sizes rayon's global pool (once per process).
+fn set_threads(threads: usize) -> Result<(), KeelError> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .map_err(|e| KeelError::config("threads", e.to_string()))
 }

@@ -2,7 +2,7 @@
 //! bad configuration.
 
 mod common;
-use common::values;
+use common::{grads, step, values};
 
 use keel::optim::shampoo::merged_dims;
 use keel::{checkpoint, CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec, SkipReason};
@@ -50,19 +50,7 @@ fn run(
     steps: std::ops::Range<u64>,
 ) {
     for k in steps {
-        let g: Vec<Vec<f32>> = specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                values(s.numel(), 100 * k + i as u64)
-                    .iter()
-                    .map(|&x| x as f32)
-                    .collect()
-            })
-            .collect();
-        let gr: Vec<&[f32]> = g.iter().map(|x| &x[..]).collect();
-        let mut pr: Vec<&mut [f32]> = p.iter_mut().map(|x| &mut x[..]).collect();
-        opt.step(&mut pr, &gr).unwrap();
+        step(opt, p, &grads(specs, k, 100));
     }
 }
 
@@ -182,19 +170,7 @@ fn trained<T: keel::real::Real>(
         .map(|s| vec![T::from_f64x(0.5); s.numel()])
         .collect();
     for k in 0..steps {
-        let g: Vec<Vec<T>> = specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                values(s.numel(), 100 * k + i as u64)
-                    .iter()
-                    .map(|&x| T::from_f64x(x))
-                    .collect()
-            })
-            .collect();
-        let gr: Vec<&[T]> = g.iter().map(|x| &x[..]).collect();
-        let mut pr: Vec<&mut [T]> = p.iter_mut().map(|x| &mut x[..]).collect();
-        let stats = opt.step(&mut pr, &gr).unwrap();
+        let stats = step(&mut opt, &mut p, &grads(specs, k, 100));
         assert_eq!(stats.preconditioner_failures, 0);
     }
     p

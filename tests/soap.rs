@@ -3,7 +3,7 @@
 //! implementation of the steps documented in `src/optim/soap.rs`.
 
 mod common;
-use common::{values, Rng};
+use common::{grads, step, values, Rng};
 
 use faer::{Mat, Side};
 use keel::real::Real;
@@ -29,19 +29,7 @@ fn train<T: Real>(
         .map(|s| rng.vec(s.numel(), -1.0, 1.0))
         .collect();
     for k in 0..steps {
-        let g: Vec<Vec<T>> = specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                values(s.numel(), 31 * k + i as u64)
-                    .iter()
-                    .map(|&x| T::from_f64x(x))
-                    .collect()
-            })
-            .collect();
-        let gr: Vec<&[T]> = g.iter().map(|x| &x[..]).collect();
-        let mut pr: Vec<&mut [T]> = p.iter_mut().map(|x| &mut x[..]).collect();
-        opt.step(&mut pr, &gr).unwrap();
+        step(&mut opt, &mut p, &grads(specs, k, 31));
     }
     (p, opt)
 }
@@ -201,32 +189,14 @@ fn checkpoint_resume_is_bit_exact() {
         .iter()
         .map(|s| rng.vec(s.numel(), -1.0, 1.0))
         .collect();
-    let grad = |k: u64| -> Vec<Vec<f32>> {
-        specs
-            .iter()
-            .enumerate()
-            .map(|(i, s)| {
-                values(s.numel(), 31 * k + i as u64)
-                    .iter()
-                    .map(|&x| x as f32)
-                    .collect()
-            })
-            .collect()
-    };
-    let run = |opt: &mut CpuOptimizer<f32>, p: &mut Vec<Vec<f32>>, k: u64| {
-        let g = grad(k);
-        let gr: Vec<&[f32]> = g.iter().map(|x| &x[..]).collect();
-        let mut pr: Vec<&mut [f32]> = p.iter_mut().map(|x| &mut x[..]).collect();
-        opt.step(&mut pr, &gr).unwrap();
-    };
     for k in 0..5 {
-        run(&mut first, &mut p, k);
+        step(&mut first, &mut p, &grads(&specs, k, 31));
     }
     first.save_state(&path).unwrap();
     let mut second =
         CpuOptimizer::<f32>::from_state_dict(&checkpoint::load(&path).unwrap()).unwrap();
     for k in 5..10 {
-        run(&mut second, &mut p, k);
+        step(&mut second, &mut p, &grads(&specs, k, 31));
     }
     for (a, b) in straight.iter().flatten().zip(p.iter().flatten()) {
         assert_eq!(a.to_bits(), b.to_bits());

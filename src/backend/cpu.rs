@@ -392,61 +392,47 @@ impl<T: Real> CpuOptimizer<T> {
         let step = self.step;
         let rounding = out.as_ref().map(|o| o.rounding);
         let mut preconditioner_failures = 0;
-        let sums = if let OptimizerKind::Muon(c) = &kind {
+        let matrix_kind = matches!(
+            kind,
+            OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) | OptimizerKind::Soap(_)
+        );
+        let sums = if matrix_kind {
             let specs = &self.specs;
-            let (sums, _) = whole_tensor_pass(
-                params,
-                grads,
-                &mut self.state,
-                out,
-                step,
-                |i, p, g, st, par| {
-                    let shape = (specs[i].shape[0], specs[i].shape[1]);
-                    let (lr, wd) = (lr_of[i], wd_of[i]);
-                    let sums = match &prep {
-                        GradPrep::Scale(pr) => {
-                            muon::step(c, lr, wd, pr, shape, p, g, &mut st[0], par)
-                        }
-                        GradPrep::ClampScale(pr) => {
-                            muon::step(c, lr, wd, pr, shape, p, g, &mut st[0], par)
-                        }
-                    };
-                    (sums, 0)
-                },
-            );
-            sums
-        } else if let OptimizerKind::Shampoo(c) = &kind {
-            let specs = &self.specs;
-            let (sums, failures) = whole_tensor_pass(
-                params,
-                grads,
-                &mut self.state,
-                out,
-                step,
-                |i, p, g, st, _| {
-                    let (lw, shape) = ((lr_of[i], wd_of[i]), &specs[i].shape[..]);
-                    let (sums, report) = match &prep {
-                        GradPrep::Scale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st),
-                        GradPrep::ClampScale(pr) => shampoo::step(c, t, lw, pr, shape, p, g, st),
-                    };
-                    (sums, report.root_failures)
-                },
-            );
-            preconditioner_failures = failures;
-            sums
-        } else if let OptimizerKind::Soap(c) = &kind {
-            let specs = &self.specs;
-            let (sums, failures) = whole_tensor_pass(
-                params,
-                grads,
-                &mut self.state,
-                out,
-                step,
-                |i, p, g, st, par| {
-                    let (lw, shape) = ((lr_of[i], wd_of[i]), &specs[i].shape[..]);
+            // The clipping variant is a type parameter of each step.
+            macro_rules! with_prep {
+                (|$pr:ident| $body:expr) => {
                     match &prep {
-                        GradPrep::Scale(pr) => soap::step(c, t, lw, pr, shape, p, g, st, par),
-                        GradPrep::ClampScale(pr) => soap::step(c, t, lw, pr, shape, p, g, st, par),
+                        GradPrep::Scale($pr) => $body,
+                        GradPrep::ClampScale($pr) => $body,
+                    }
+                };
+            }
+            let (sums, failures) = whole_tensor_pass(
+                params,
+                grads,
+                &mut self.state,
+                out,
+                step,
+                |i, p, g, st, par| {
+                    let (lw, shape) = ((lr_of[i], wd_of[i]), &specs[i].shape[..]);
+                    match &kind {
+                        OptimizerKind::Muon(c) => {
+                            let dims = (shape[0], shape[1]);
+                            let b = &mut st[0];
+                            (
+                                with_prep!(|pr| muon::step(c, lw, pr, dims, p, g, b, par)),
+                                0,
+                            )
+                        }
+                        OptimizerKind::Shampoo(c) => {
+                            let (sums, report) =
+                                with_prep!(|pr| shampoo::step(c, t, lw, pr, shape, p, g, st));
+                            (sums, report.root_failures)
+                        }
+                        OptimizerKind::Soap(c) => {
+                            with_prep!(|pr| soap::step(c, t, lw, pr, shape, p, g, st, par))
+                        }
+                        _ => unreachable!("matrix kinds only"),
                     }
                 },
             );

@@ -26,6 +26,17 @@ pub(crate) fn view_mut<T: Real>(x: &mut [T], rows: usize, cols: usize) -> MatMut
     MatMut::from_row_major_slice_mut(x, rows, cols)
 }
 
+/// Appends the row-major `n x n` identity to `out`.
+pub(crate) fn push_identity<T: Real>(out: &mut Vec<T>, n: usize) {
+    out.extend((0..n * n).map(|i| {
+        if i % (n + 1) == 0 {
+            T::one()
+        } else {
+            T::zero()
+        }
+    }));
+}
+
 /// The mode-`j` geometry of a row-major tensor with `dims`: `(outer, n, inner)`.
 pub(crate) fn around(dims: &[usize], j: usize) -> (usize, usize, usize) {
     (

@@ -147,8 +147,7 @@ pub fn newton_schulz_spectral<T: Real>(
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     c: &MuonConfig,
-    lr: f64,
-    wd: f64,
+    (lr, wd): (f64, f64),
     prep: &P,
     (rows, cols): (usize, usize),
     p: &mut [T],

@@ -144,13 +144,7 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], max_dim: usize) -> Vec<Vec
     let mut roots = Vec::with_capacity(factor_len(shape, max_dim));
     for b in blocks(shape, max_dim) {
         for &n in &b.dims {
-            roots.extend((0..n * n).map(|i| {
-                if i % (n + 1) == 0 {
-                    T::one()
-                } else {
-                    T::zero()
-                }
-            }));
+            linalg::push_identity(&mut roots, n);
         }
     }
     vec![

@@ -33,7 +33,7 @@
 //! preconditioned side, row-major; bases start as identities).
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
+use faer::{Accum, Mat, MatRef, Par};
 
 use super::adam::{self, AdamCoeffs};
 use super::linalg::{self, view, view_mut};
@@ -107,13 +107,7 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], c: &SoapConfig) -> Vec<Vec
     let mut bases = Vec::with_capacity(sides.matrix_len());
     for (on, n) in [(sides.left, sides.rows), (sides.right, sides.cols)] {
         if on {
-            bases.extend((0..n * n).map(|i| {
-                if i % (n + 1) == 0 {
-                    T::one()
-                } else {
-                    T::zero()
-                }
-            }));
+            linalg::push_identity(&mut bases, n);
         }
     }
     vec![
@@ -144,37 +138,28 @@ fn rotate<T: Real>(
 ) -> Vec<T> {
     let mut out = x.to_vec();
     let mut tmp = vec![T::zero(); x.len()];
-    if let Some(q) = ql {
-        let q = view(q, rows, rows);
-        let q = match dir {
-            Direction::Into => q.transpose(),
-            Direction::Back => q,
-        };
+    // `out = Q_L' out` then `out = out Q_R'`, each side only if present.
+    let mut multiply = |q: MatRef<'_, T>, from_left: bool| {
+        let o = view(&out, rows, cols);
+        let (a, b) = if from_left { (q, o) } else { (o, q) };
         matmul(
             view_mut(&mut tmp, rows, cols),
             Accum::Replace,
-            q,
-            view(&out, rows, cols),
+            a,
+            b,
             T::one(),
             par,
         );
         std::mem::swap(&mut out, &mut tmp);
+    };
+    let into = matches!(dir, Direction::Into);
+    if let Some(q) = ql {
+        let q = view(q, rows, rows);
+        multiply(if into { q.transpose() } else { q }, true);
     }
     if let Some(q) = qr {
         let q = view(q, cols, cols);
-        let q = match dir {
-            Direction::Into => q,
-            Direction::Back => q.transpose(),
-        };
-        matmul(
-            view_mut(&mut tmp, rows, cols),
-            Accum::Replace,
-            view(&out, rows, cols),
-            q,
-            T::one(),
-            par,
-        );
-        std::mem::swap(&mut out, &mut tmp);
+        multiply(if into { q } else { q.transpose() }, false);
     }
     out
 }

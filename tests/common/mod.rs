@@ -39,3 +39,28 @@ impl Rng {
         (0..n).map(|_| T::from_f64x(self.uniform(lo, hi))).collect()
     }
 }
+
+/// The gradients of step `k`: tensor `i` gets `values(numel, stride*k + i)`.
+pub fn grads<T: Real>(specs: &[keel::ParamSpec], k: u64, stride: u64) -> Vec<Vec<T>> {
+    specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            values(s.numel(), stride * k + i as u64)
+                .iter()
+                .map(|&x| T::from_f64x(x))
+                .collect()
+        })
+        .collect()
+}
+
+/// One optimizer step over owned buffers.
+pub fn step<T: Real, O: keel::Optimizer<Param = [T], Grad = [T]>>(
+    opt: &mut O,
+    p: &mut [Vec<T>],
+    g: &[Vec<T>],
+) -> keel::StepStats {
+    let gr: Vec<&[T]> = g.iter().map(|x| &x[..]).collect();
+    let mut pr: Vec<&mut [T]> = p.iter_mut().map(|x| &mut x[..]).collect();
+    opt.step(&mut pr, &gr).unwrap()
+}
