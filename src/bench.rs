@@ -485,6 +485,11 @@ pub struct ModelBenchReport {
     pub plain_ms: Option<f64>,
     /// Mean milliseconds of the steps that recomputed them (frequency > 1).
     pub precondition_ms: Option<f64>,
+    /// AdamW's mean milliseconds per step on the same shapes, timed right
+    /// after (absent when the optimizer is AdamW).
+    pub adamw_ms_per_step: Option<f64>,
+    /// `ms_per_step / adamw_ms_per_step`.
+    pub ratio_to_adamw: Option<f64>,
 }
 
 /// Is a hidden matrix of a GPT (what Muon updates in the usual setup: 2-D,
@@ -512,7 +517,11 @@ pub fn run_model(
         OptimizerKind::Soap(c) => (c.precondition_frequency, c.start_step()),
         _ => (1, 1),
     };
-    let recomputes = |t: u64| t == start || (t > start && t % frequency == 0);
+    let recomputes = |t: u64| match &config.kind {
+        OptimizerKind::Shampoo(c) => c.recomputes(t),
+        OptimizerKind::Soap(c) => c.recomputes(t),
+        _ => false,
+    };
     let mut params: Vec<Vec<f32>> = specs
         .iter()
         .enumerate()
@@ -570,6 +579,15 @@ pub fn run_model(
             false => plain.push(ms),
         }
     }
+    // AdamW on the same shapes, for the ratio.
+    let adamw_ms_per_step = match config.kind {
+        OptimizerKind::AdamW(_) => None,
+        _ => {
+            let adamw = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.001}"#)?;
+            Some(run_model(&adamw, model, steps.max(10), 2)?.ms_per_step)
+        }
+    };
+    let ms_per_step = total / steps as f64;
     Ok(ModelBenchReport {
         optimizer: config.kind.name().to_string(),
         model,
@@ -578,7 +596,9 @@ pub fn run_model(
         threads: rayon::current_num_threads(),
         steps,
         precondition_frequency: frequency,
-        ms_per_step: total / steps as f64,
+        ms_per_step,
+        adamw_ms_per_step,
+        ratio_to_adamw: adamw_ms_per_step.map(|a| ms_per_step / a),
         plain_ms: (!plain.is_empty()).then(|| median(plain)),
         precondition_ms: (!precondition.is_empty())
             .then(|| precondition.iter().sum::<f64>() / precondition.len() as f64),

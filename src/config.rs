@@ -312,6 +312,13 @@ impl ShampooConfig {
             self.start_preconditioning_step as u64
         }
     }
+
+    /// Whether 1-based step `t` recomputes the inverse roots: at `S` and at
+    /// every multiple of `precondition_frequency` after it.
+    pub fn recomputes(&self, t: u64) -> bool {
+        let s = self.start_step();
+        t == s || (t > s && t % self.precondition_frequency == 0)
+    }
 }
 
 /// SOAP (Vyas et al. 2024, arXiv 2409.11321): Adam run in the eigenbasis of
@@ -361,6 +368,13 @@ impl SoapConfig {
     /// The first step that computes the eigenbasis.
     pub fn start_step(&self) -> u64 {
         self.start_preconditioning_step
+    }
+
+    /// Whether 1-based step `t` recomputes the eigenbases: at the start step
+    /// and every `precondition_frequency` steps after it.
+    pub fn recomputes(&self, t: u64) -> bool {
+        let s = self.start_step();
+        t >= s && (t - s) % self.precondition_frequency == 0
     }
 
     /// The factor decay.

@@ -203,6 +203,9 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                     if let Some(ms) = r.precondition_ms {
                         println!("  recompute step  {ms:10.2} ms (mean)");
                     }
+                    if let (Some(ms), Some(ratio)) = (r.adamw_ms_per_step, r.ratio_to_adamw) {
+                        println!("  adamw step      {ms:10.2} ms (same shapes): ratio {ratio:.1}x");
+                    }
                 }
                 return Ok(ExitCode::SUCCESS);
             }

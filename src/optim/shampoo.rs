@@ -242,9 +242,8 @@ fn block_step<T: Real>(
     l: &mut [T],
     r: &mut [T],
 ) -> BlockOut<T> {
-    let s = c.start_step();
-    let amortize = t == s || (t > s && t % c.precondition_frequency == 0);
-    let graft_only = t < s && c.grafting != Grafting::None;
+    let amortize = c.recomputes(t);
+    let graft_only = t < c.start_step() && c.grafting != Grafting::None;
     let dims = &block.dims;
 
     // (E1) factors, from the raw gradient; (E2)-(E4) their inverse roots when

@@ -236,8 +236,7 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     let (l, r) = sides.split(&mut factors[0][..]);
     let (mut ql, mut qr) = (ql, qr);
     let mut failures = 0;
-    let due = t == c.start_step() || (t - c.start_step()) % c.precondition_frequency == 0;
-    if due {
+    if c.recomputes(t) {
         let mut fresh: Vec<(Vec<T>, bool)> = Vec::new();
         for (f, n) in [(l.as_deref(), sides.rows), (r.as_deref(), sides.cols)] {
             if let Some(f) = f {
