@@ -24,11 +24,16 @@ shampoo() { # frequency root_dtype
 row() { # label steps config-json
   local json
   json=$("$keel" bench --model gpt-small --threads "$threads" --steps "$2" --warmup 1 --config "$3" --json)
-  python3 -c 'import json,sys; r=json.loads(sys.argv[2]); print(f"| keel {sys.argv[1]} | {r[\"ms_per_step\"]:.1f} |")' "$1" "$json"
+  python3 - "$1" "$json" <<'PY'
+import json, sys
+r = json.loads(sys.argv[2])
+ratio = r.get("ratio_to_adamw")
+print("| keel %s | %.1f | %s |" % (sys.argv[1], r["ms_per_step"], "%.1fx" % ratio if ratio else "1x"))
+PY
 }
 
-echo "| optimizer (gpt-small, $threads threads) | ms/step (amortized) |"
-echo "|---|---|"
+echo "| optimizer (gpt-small, $threads threads) | ms/step (amortized) | vs AdamW |"
+echo "|---|---|---|"
 row "adamw" 20 '{"kind": "adamw", "lr": 0.001}'
 for f in 1 10 100; do
   steps=$(( f == 1 ? 3 : f ))
@@ -41,10 +46,15 @@ row "soap f10" 10 '{"kind": "soap", "lr": 0.001}'
 if [ -x "$venv/bin/python" ] && [ -d "$optimizers/distributed_shampoo" ]; then
   PYTHONPATH="$optimizers" "$venv/bin/python" scripts/peer_second_order.py --threads "$threads" \
     --which adamw,shampoo_f1,shampoo_f10,shampoo_f100,muon_f32 --json |
-    python3 -c 'import json,sys
-for line in sys.stdin:
-    r = json.loads(line)
-    print(f"| torch {r[\"impl\"]} | {r[\"ms_per_step\"]:.1f} |")'
+    python3 -c "$(cat <<'PY'
+import json, sys
+rows = [json.loads(line) for line in sys.stdin]
+base = next((r["ms_per_step"] for r in rows if r["impl"] == "adamw"), None)
+for r in rows:
+    ratio = "%.1fx" % (r["ms_per_step"] / base) if base else ""
+    print("| torch %s | %.1f | %s |" % (r["impl"], r["ms_per_step"], ratio))
+PY
+)"
 else
   echo "(peers skipped: no $venv or $optimizers)" >&2
 fi
