@@ -19,16 +19,20 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
 
     /// A random wide matrix (well conditioned) comes out of five Newton–Schulz
-    /// steps with every singular value in roughly [0.5, 1.5].
+    /// steps, literal or spectral, with every singular value in roughly
+    /// [0.5, 1.5].
     #[test]
     fn newton_schulz_singular_values_near_one(rows in 1usize..24, extra in 0usize..40, seed in any::<u64>()) {
         let cols = 2 * rows + extra;
         let v = values(rows * cols, seed);
-        let mut x = Mat::<f64>::from_fn(rows, cols, |i, j| v[i * cols + j]);
-        newton_schulz(&mut x, 5, NS, 1e-7, Par::Seq);
-        let s = x.singular_values().unwrap();
-        for sv in s {
-            prop_assert!((0.5..1.5).contains(&sv), "singular value {sv} for {rows}x{cols}");
+        let x = Mat::<f64>::from_fn(rows, cols, |i, j| v[i * cols + j]);
+        let (mut literal, mut spectral) = (x.clone(), x);
+        newton_schulz(&mut literal, 5, NS, 1e-7, Par::Seq);
+        newton_schulz_spectral(&mut spectral, 5, NS, 1e-7, Par::Seq);
+        for out in [literal, spectral] {
+            for sv in out.singular_values().unwrap() {
+                prop_assert!((0.5..1.5).contains(&sv), "singular value {sv} for {rows}x{cols}");
+            }
         }
     }
 
