@@ -66,63 +66,38 @@ __device__ __forceinline__ void keel_moments(const KeelChunk* chunks, const Keel
     const KeelPtrs t = ptrs[c.tensor];
     const KeelAdamCoef k(coef + (u64)c.tensor * KEEL_COEF_LEN);
     double psq = 0.0, usq = 0.0;
-    auto group = [&](u32 first, auto full) {
+    keel_chunk_groups(c, [&](u32 first, auto full) {
         constexpr bool FULL = decltype(full)::value;
-        float g[KEEL_ILP], m[KEEL_ILP], v[KEEL_ILP], p[KEEL_ILP];
-#pragma unroll
-        for (int u = 0; u < KEEL_ILP; ++u) {
-            const u32 j = first + u * blockDim.x;
-            g[u] = m[u] = v[u] = p[u] = 0.0f;
-            if (FULL || j < c.len) {
-                const u64 i = c.offset + j;
-                g[u] = keel_grad(t.g, i, BF16);
-                m[u] = t.s0[i];
-                v[u] = t.s1[i];
-                if (WITH_P) p[u] = t.p[i];
+        float g[KEEL_ILP] = {}, m[KEEL_ILP] = {}, v[KEEL_ILP] = {}, p[KEEL_ILP] = {};
+        keel_group_each<FULL>(c, first, [&](int u, u64 i) {
+            g[u] = keel_grad(t.g, i, BF16);
+            m[u] = t.s0[i];
+            v[u] = t.s1[i];
+            if (WITH_P) p[u] = t.p[i];
+        });
+        keel_group_each<FULL>(c, first, [&](int u, u64 i) {
+            k.moments(keel_prep(g[u], lo, hi, s), m[u], v[u]);
+            t.s0[i] = m[u];
+            t.s1[i] = v[u];
+            float dir = k.direction(m[u], v[u]);
+            if (WITH_P) {
+                dir = dir + k.wd_dir * p[u];
+                psq += (double)p[u] * (double)p[u];
             }
-        }
-#pragma unroll
-        for (int u = 0; u < KEEL_ILP; ++u) {
-            const u32 j = first + u * blockDim.x;
-            if (FULL || j < c.len) {
-                const u64 i = c.offset + j;
-                k.moments(keel_prep(g[u], lo, hi, s), m[u], v[u]);
-                t.s0[i] = m[u];
-                t.s1[i] = v[u];
-                float dir = k.direction(m[u], v[u]);
-                if (WITH_P) {
-                    dir = dir + k.wd_dir * p[u];
-                    psq += (double)p[u] * (double)p[u];
-                }
-                usq += (double)dir * (double)dir;
-            }
-        }
-    };
-    for (u32 first = threadIdx.x; first < c.len; first += KEEL_ILP * blockDim.x) {
-        if (first + (KEEL_ILP - 1) * blockDim.x < c.len) {
-            group(first, KeelBool<true>());
-        } else {
-            group(first, KeelBool<false>());
-        }
-    }
-    double* out = partials + 4 * (u64)blockIdx.x;
-    double r = keel_block_sum(psq, scratch);
-    if (threadIdx.x == 0) out[0] = r;
-    r = keel_block_sum(usq, scratch);
-    if (threadIdx.x == 0) out[1] = r;
+            usq += (double)dir * (double)dir;
+        });
+    });
+    keel_store_partials2(partials, psq, usq, scratch);
 }
 
-#define KEEL_MOMENT_KERNELS(name, WITH_P)                                                      \
-    extern "C" __global__ void __launch_bounds__(KEEL_BLOCK)                                   \
-        name##_f32(const KeelChunk* chunks, const KeelPtrs* ptrs, const float* coef,           \
-                   const double* global, double* partials, float lo, float hi) {               \
-        keel_moments<false, WITH_P>(chunks, ptrs, coef, global, partials, lo, hi);             \
-    }                                                                                          \
-    extern "C" __global__ void __launch_bounds__(KEEL_BLOCK)                                   \
-        name##_bf16(const KeelChunk* chunks, const KeelPtrs* ptrs, const float* coef,          \
-                    const double* global, double* partials, float lo, float hi) {              \
-        keel_moments<true, WITH_P>(chunks, ptrs, coef, global, partials, lo, hi);              \
+#define KEEL_MOMENT_ENTRY(name, BF16, WITH_P)                                          \
+    extern "C" __global__ void __launch_bounds__(KEEL_BLOCK)                           \
+        name(const KeelChunk* chunks, const KeelPtrs* ptrs, const float* coef,         \
+             const double* global, double* partials, float lo, float hi) {             \
+        keel_moments<BF16, WITH_P>(chunks, ptrs, coef, global, partials, lo, hi);      \
     }
+
+#define KEEL_MOMENT_KERNELS(name, WITH_P) KEEL_GRAD_VARIANTS(KEEL_MOMENT_ENTRY, name, WITH_P)
 
 KEEL_MOMENT_KERNELS(keel_lamb_moments, true)
 KEEL_MOMENT_KERNELS(keel_adam_moments, false)

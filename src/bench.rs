@@ -279,6 +279,18 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     run_cpu(opts, false)
 }
 
+/// Bytes per parameter a step of `opts` moves and the least any step could
+/// ([`bytes_per_param`]), on either backend.
+pub(crate) fn step_bytes(opts: &BenchOptions) -> (usize, usize) {
+    let (mut bytes, min_bytes) = bytes_per_param(&opts.config, 4);
+    if opts.dtype == BenchDtype::Bf16 {
+        // The gradient is read twice at 2 bytes instead of 4; the bf16 copy
+        // of the parameter is written (2 bytes).
+        bytes -= 2;
+    }
+    (bytes, min_bytes)
+}
+
 /// Checks the sizes of a benchmark.
 pub(crate) fn check_options(opts: &BenchOptions) -> Result<()> {
     if opts.params == 0 || opts.tensors == 0 || opts.tensors > opts.params {
@@ -381,12 +393,7 @@ fn run_cpu(opts: &BenchOptions, mixed: bool) -> Result<BenchReport> {
         }
     };
 
-    let (mut bytes, min_bytes) = bytes_per_param(&opts.config, 4);
-    if opts.dtype == BenchDtype::Bf16 {
-        // The gradient is read twice at 2 bytes instead of 4; the bf16 copy
-        // of the parameter is written (2 bytes).
-        bytes -= 2;
-    }
+    let (bytes, min_bytes) = step_bytes(opts);
     let ms = median(times.clone());
     let floor_ms = median(floor_times);
     let gb = |b: usize, ms: f64| b as f64 * opts.params as f64 / (ms * 1e-3) / 1e9;

@@ -53,7 +53,7 @@ impl StateData {
         }
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             StateData::F32(v) => v.len(),
             StateData::F64(v) => v.len(),

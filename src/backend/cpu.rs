@@ -275,32 +275,11 @@ impl<T: Real> CpuOptimizer<T> {
     }
 
     fn check_buffers<P, G>(&self, params: &[&mut [P]], grads: &[&[G]]) -> Result<()> {
-        let n = self.specs.len();
-        if params.len() != n || grads.len() != n {
-            return Err(KeelError::shape(
-                "step",
-                format!(
-                    "expected {n} parameter and gradient buffers, got {} and {}",
-                    params.len(),
-                    grads.len()
-                ),
-            ));
-        }
-        for ((spec, p), g) in self.specs.iter().zip(params).zip(grads) {
-            let want = spec.numel();
-            if p.len() != want || g.len() != want {
-                return Err(KeelError::shape(
-                    &spec.name,
-                    format!(
-                        "shape {:?} has {want} elements; parameter has {}, gradient {}",
-                        spec.shape,
-                        p.len(),
-                        g.len()
-                    ),
-                ));
-            }
-        }
-        Ok(())
+        check_buffer_lens(
+            &self.specs,
+            params.iter().map(|p| p.len()),
+            grads.iter().map(|g| g.len()),
+        )
     }
 
     /// The step, generic over the gradient element type and with an optional
@@ -820,63 +799,20 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
     }
 
     fn state_dict(&self) -> Result<StateDict> {
-        let slots = state_slots(&self.config.kind);
-        let mut tensors = Vec::with_capacity(self.specs.len() * slots.len());
-        for (spec, state) in self.specs.iter().zip(&self.state) {
-            for (slot, data) in slots.iter().zip(state) {
-                tensors.push(StateTensor {
-                    name: format!("{}/{}", spec.name, slot),
-                    // Per-parameter buffers keep the parameter's shape;
-                    // others (Shampoo's factors) are flat.
-                    shape: if data.len() == spec.numel() {
-                        spec.shape.clone()
-                    } else {
-                        vec![data.len()]
-                    },
-                    data: StateData::from_slice(data),
-                });
-            }
-        }
-        Ok(StateDict {
-            config: self.config.clone(),
-            step: self.step,
-            dtype: T::DTYPE.to_string(),
-            specs: self.specs.clone(),
-            groups: self.groups.clone(),
-            tensors,
-            extra: Default::default(),
-        })
+        build_state_dict(
+            &self.config,
+            self.step,
+            T::DTYPE,
+            &self.specs,
+            &self.groups,
+            &self.state,
+            |data, _| Ok(StateData::from_slice(data)),
+        )
     }
 
     fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
-        if sd.config.kind.name() != self.config.kind.name() {
-            return Err(KeelError::State(format!(
-                "state is for `{}`, optimizer is `{}`",
-                sd.config.kind.name(),
-                self.config.kind.name()
-            )));
-        }
-        if sd.dtype != T::DTYPE {
-            return Err(KeelError::State(format!(
-                "state was saved by an optimizer computing in {}, this one computes in {}",
-                sd.dtype,
-                T::DTYPE
-            )));
-        }
-        sd.check_specs(&self.specs)?;
-        sd.config.validate()?;
-        let group_of = assign_groups(&self.specs, &sd.groups)?;
-        let slots = state_slots(&sd.config.kind);
-        let mut state = Vec::with_capacity(self.specs.len());
-        for spec in &self.specs {
-            let fresh: Vec<Vec<T>> = initial_state(&sd.config.kind, spec);
-            let mut bufs = Vec::with_capacity(slots.len());
-            for (slot, like) in slots.iter().zip(&fresh) {
-                let name = format!("{}/{}", spec.name, slot);
-                bufs.push(sd.tensor::<T>(&name, like.len())?);
-            }
-            state.push(bufs);
-        }
+        let (group_of, state) =
+            read_state::<T>(sd, &self.config.kind, T::DTYPE, "this one", &self.specs)?;
         self.config = sd.config.clone();
         self.groups = sd.groups.clone();
         self.group_of = group_of;
@@ -884,6 +820,125 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
         self.step = sd.step;
         Ok(())
     }
+}
+
+/// Checks that there is one parameter and one gradient buffer per spec, each
+/// with the spec's element count (`params` and `gradients` are the buffers'
+/// lengths): the step's input check, shared with the CUDA backend.
+pub(crate) fn check_buffer_lens(
+    specs: &[ParamSpec],
+    params: impl ExactSizeIterator<Item = usize>,
+    grads: impl ExactSizeIterator<Item = usize>,
+) -> Result<()> {
+    let n = specs.len();
+    if params.len() != n || grads.len() != n {
+        return Err(KeelError::shape(
+            "step",
+            format!(
+                "expected {n} parameter and gradient buffers, got {} and {}",
+                params.len(),
+                grads.len()
+            ),
+        ));
+    }
+    for ((spec, p), g) in specs.iter().zip(params).zip(grads) {
+        let want = spec.numel();
+        if p != want || g != want {
+            return Err(KeelError::shape(
+                &spec.name,
+                format!(
+                    "shape {:?} has {want} elements; parameter has {p}, gradient {g}",
+                    spec.shape
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The state dict of an optimizer whose state is `state[tensor][slot]` (slots
+/// as [`state_slots`] names them), computing in `dtype`; `data(buffer, spec)`
+/// reads a buffer. Per-parameter buffers keep the parameter's shape; others
+/// (Shampoo's factors) are flat. Shared with the CUDA backend.
+pub(crate) fn build_state_dict<B>(
+    config: &OptimizerConfig,
+    step: u64,
+    dtype: &str,
+    specs: &[ParamSpec],
+    groups: &[ParamGroup],
+    state: &[Vec<B>],
+    data: impl Fn(&B, &ParamSpec) -> Result<StateData>,
+) -> Result<StateDict> {
+    let slots = state_slots(&config.kind);
+    let mut tensors = Vec::with_capacity(specs.len() * slots.len());
+    for (spec, state) in specs.iter().zip(state) {
+        for (slot, buffer) in slots.iter().zip(state) {
+            let data = data(buffer, spec)?;
+            tensors.push(StateTensor {
+                name: format!("{}/{}", spec.name, slot),
+                shape: if data.len() == spec.numel() {
+                    spec.shape.clone()
+                } else {
+                    vec![data.len()]
+                },
+                data,
+            });
+        }
+    }
+    Ok(StateDict {
+        config: config.clone(),
+        step,
+        dtype: dtype.to_string(),
+        specs: specs.to_vec(),
+        groups: groups.to_vec(),
+        tensors,
+        extra: Default::default(),
+    })
+}
+
+/// Optimizer state: `state[tensor][slot]`, one buffer each.
+pub(crate) type SlotState<T> = Vec<Vec<Vec<T>>>;
+
+/// Checks that `sd` fits an optimizer of `kind` over `specs` computing in
+/// `dtype` (`this` names that optimizer in the error), and reads its state,
+/// each buffer as long as a fresh one: the group assignment and
+/// `state[tensor][slot]`. Changes nothing, so a bad state changes nothing.
+/// Shared with the CUDA backend.
+pub(crate) fn read_state<T: Real>(
+    sd: &StateDict,
+    kind: &OptimizerKind,
+    dtype: &str,
+    this: &str,
+    specs: &[ParamSpec],
+) -> Result<(Vec<usize>, SlotState<T>)> {
+    if sd.config.kind.name() != kind.name() {
+        return Err(KeelError::State(format!(
+            "state is for `{}`, optimizer is `{}`",
+            sd.config.kind.name(),
+            kind.name()
+        )));
+    }
+    if sd.dtype != dtype {
+        return Err(KeelError::State(format!(
+            "state was saved by an optimizer computing in {}, {this} computes in {dtype}",
+            sd.dtype
+        )));
+    }
+    sd.check_specs(specs)?;
+    sd.config.validate()?;
+    let group_of = assign_groups(specs, &sd.groups)?;
+    let slots = state_slots(&sd.config.kind);
+    let mut state = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let fresh: Vec<Vec<T>> = initial_state(&sd.config.kind, spec);
+        let mut bufs = Vec::with_capacity(slots.len());
+        for (slot, like) in slots.iter().zip(&fresh) {
+            let name = format!("{}/{}", spec.name, slot);
+            bufs.push(sd.tensor::<T>(&name, like.len())?);
+        }
+        state.push(bufs);
+    }
+    Ok((group_of, state))
 }
 
 /// The step of a matrix optimizer (Muon, Shampoo): each tensor whole (its

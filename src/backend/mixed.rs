@@ -201,37 +201,60 @@ impl Optimizer for MixedPrecisionOptimizer {
 
     fn state_dict(&self) -> Result<StateDict> {
         let mut sd = self.inner.state_dict()?;
-        for (spec, m) in self.specs().iter().zip(&self.master) {
-            sd.tensors.push(StateTensor {
-                name: format!("{}/master", spec.name),
-                shape: spec.shape.clone(),
-                data: StateData::from_slice(m),
-            });
-        }
-        let rounding =
-            serde_json::to_string(&self.rounding).map_err(|e| KeelError::State(e.to_string()))?;
-        sd.extra.insert("rounding".into(), rounding);
+        save_master(&mut sd, self.specs(), self.rounding, |i, _| {
+            Ok(self.master[i].clone())
+        })?;
         Ok(sd)
     }
 
     fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
-        let mut master = Vec::with_capacity(self.master.len());
-        for spec in self.inner.specs() {
-            master.push(sd.tensor::<f32>(&format!("{}/master", spec.name), spec.numel())?);
-        }
-        let rounding = match sd.extra.get("rounding") {
-            Some(r) => {
-                serde_json::from_str(r).map_err(|e| KeelError::State(format!("rounding: {e}")))?
-            }
-            None => {
-                return Err(KeelError::State(
-                    "no master-weight rounding mode in state".into(),
-                ))
-            }
-        };
+        let (master, rounding) = read_master(sd, self.inner.specs())?;
         self.inner.load_state_dict(sd)?;
         self.master = master;
         self.rounding = rounding;
         Ok(())
     }
+}
+
+/// Adds the f32 master weights (`master(i, spec)` reads tensor `i`'s) and the
+/// rounding mode to the state dict of the inner f32 optimizer: the state
+/// both mixed-precision optimizers (CPU and CUDA) save.
+pub(crate) fn save_master(
+    sd: &mut StateDict,
+    specs: &[ParamSpec],
+    rounding: Rounding,
+    master: impl Fn(usize, &ParamSpec) -> Result<Vec<f32>>,
+) -> Result<()> {
+    for (i, spec) in specs.iter().enumerate() {
+        sd.tensors.push(StateTensor {
+            name: format!("{}/master", spec.name),
+            shape: spec.shape.clone(),
+            data: StateData::F32(master(i, spec)?),
+        });
+    }
+    let rounding = serde_json::to_string(&rounding).map_err(|e| KeelError::State(e.to_string()))?;
+    sd.extra.insert("rounding".into(), rounding);
+    Ok(())
+}
+
+/// The master weights and rounding mode [`save_master`] saved.
+pub(crate) fn read_master(
+    sd: &StateDict,
+    specs: &[ParamSpec],
+) -> Result<(Vec<Vec<f32>>, Rounding)> {
+    let mut master = Vec::with_capacity(specs.len());
+    for spec in specs {
+        master.push(sd.tensor::<f32>(&format!("{}/master", spec.name), spec.numel())?);
+    }
+    let rounding = match sd.extra.get("rounding") {
+        Some(r) => {
+            serde_json::from_str(r).map_err(|e| KeelError::State(format!("rounding: {e}")))?
+        }
+        None => {
+            return Err(KeelError::State(
+                "no master-weight rounding mode in state".into(),
+            ))
+        }
+    };
+    Ok((master, rounding))
 }

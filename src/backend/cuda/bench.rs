@@ -6,10 +6,10 @@ use std::time::Instant;
 use half::bf16;
 
 use super::{CudaMixedPrecisionOptimizer, CudaOptimizer};
-use crate::bench::{fill, median, BenchDtype, BenchOptions, BenchReport};
+use crate::bench::{fill, median, step_bytes, BenchDtype, BenchOptions, BenchReport};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
-use crate::optim::{bytes_per_param, Optimizer};
+use crate::optim::Optimizer;
 use crate::tensor::ParamSpec;
 
 /// Bytes per buffer of the copy-bandwidth measurement.
@@ -33,6 +33,33 @@ pub fn copy_bandwidth(opt_stream: &std::sync::Arc<cudarc::driver::CudaStream>) -
     Ok(2.0 * COPY_BYTES as f64 / best / 1e9)
 }
 
+/// Runs `opts.warmup + opts.steps` steps of `opt` on `p` and `g`, pushing
+/// the milliseconds of each timed step to `times`.
+fn time_steps<O: Optimizer>(
+    opt: &mut O,
+    p: &mut [O::Param],
+    g: &[O::Grad],
+    opts: &BenchOptions,
+    times: &mut Vec<f64>,
+) -> Result<()>
+where
+    O::Param: Sized,
+    O::Grad: Sized,
+{
+    let g: Vec<_> = g.iter().collect();
+    for k in 0..opts.warmup + opts.steps {
+        let mut pr: Vec<_> = p.iter_mut().collect();
+        let t0 = Instant::now();
+        // The step reads its statistics back: it has finished when it
+        // returns.
+        opt.step(&mut pr, &g)?;
+        if k >= opts.warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(())
+}
+
 /// Times `opts` on device 0 with tensors of `sizes`.
 pub fn run(opts: &BenchOptions, sizes: &[usize]) -> Result<BenchReport> {
     crate::bench::check_options(opts)?;
@@ -51,17 +78,7 @@ pub fn run(opts: &BenchOptions, sizes: &[usize]) -> Result<BenchReport> {
                 p.push(opt.upload(&fill(n, 2 * i as u64 + 1, 1.0))?);
                 g.push(opt.upload(&fill(n, 2 * i as u64 + 2, 0.01))?);
             }
-            let g: Vec<_> = g.iter().collect();
-            for k in 0..opts.warmup + opts.steps {
-                let mut pr: Vec<_> = p.iter_mut().collect();
-                let t0 = Instant::now();
-                // The step reads its statistics back: it has finished when
-                // it returns.
-                opt.step(&mut pr, &g)?;
-                if k >= opts.warmup {
-                    times.push(t0.elapsed().as_secs_f64() * 1e3);
-                }
-            }
+            time_steps(&mut opt, &mut p, &g, opts, &mut times)?;
             let bw = copy_bandwidth(opt.stream())?;
             (opt.device().name.clone(), bw)
         }
@@ -84,15 +101,7 @@ pub fn run(opts: &BenchOptions, sizes: &[usize]) -> Result<BenchReport> {
                 crate::Rounding::Nearest,
                 0,
             )?;
-            let g: Vec<_> = g.iter().collect();
-            for k in 0..opts.warmup + opts.steps {
-                let mut pr: Vec<_> = p.iter_mut().collect();
-                let t0 = Instant::now();
-                opt.step(&mut pr, &g)?;
-                if k >= opts.warmup {
-                    times.push(t0.elapsed().as_secs_f64() * 1e3);
-                }
-            }
+            time_steps(&mut opt, &mut p, &g, opts, &mut times)?;
             let bw = copy_bandwidth(opt.stream())?;
             (opt.device().name.clone(), bw)
         }
@@ -100,12 +109,7 @@ pub fn run(opts: &BenchOptions, sizes: &[usize]) -> Result<BenchReport> {
     if times.is_empty() {
         return Err(KeelError::config("bench.steps", "must be at least 1"));
     }
-    let (mut bytes, min_bytes) = bytes_per_param(&opts.config, 4);
-    if opts.dtype == BenchDtype::Bf16 {
-        // As on the CPU: the gradient is read at 2 bytes (twice), and the
-        // bf16 copy of the parameter is written.
-        bytes -= 2;
-    }
+    let (bytes, min_bytes) = step_bytes(opts);
     let ms = median(times.clone());
     let gb = |b: usize, ms: f64| b as f64 * opts.params as f64 / (ms * 1e-3) / 1e9;
     let floor_ms = min_bytes as f64 * opts.params as f64 / (bandwidth * 1e9) * 1e3;

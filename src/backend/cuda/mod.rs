@@ -13,8 +13,8 @@
 //! - Kernels live in `kernels/` and are compiled by NVRTC for the device's
 //!   compute capability at first use, once per process ([`kernels`]).
 //!
-//! Muon and Shampoo are not yet supported on CUDA: constructing a CUDA
-//! optimizer for them returns [`crate::KeelError::Cuda`] (use the CPU
+//! Muon, Shampoo and SOAP are not yet supported on CUDA: constructing a
+//! CUDA optimizer for them returns [`crate::KeelError::Cuda`] (use the CPU
 //! backend for them).
 
 pub mod bench;

@@ -28,8 +28,9 @@ use half::bf16;
 
 use super::kernels::{self, Kernels};
 use super::{driver_error, open, DeviceInfo};
-use crate::backend::mixed::Rounding;
-use crate::checkpoint::{StateData, StateDict, StateTensor};
+use crate::backend::cpu::{build_state_dict, check_buffer_lens, read_state};
+use crate::backend::mixed::{read_master, save_master, Rounding};
+use crate::checkpoint::{StateData, StateDict};
 use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::{assign_groups, ParamGroup};
@@ -175,7 +176,7 @@ impl Core {
         config.validate()?;
         if matches!(
             config.kind,
-            OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_)
+            OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) | OptimizerKind::Soap(_)
         ) {
             return Err(KeelError::Cuda(format!(
                 "{} is not yet supported on cuda; use the CPU backend for it",
@@ -258,33 +259,6 @@ impl Core {
         })
     }
 
-    fn check_lengths(&self, params: &[usize], grads: &[usize]) -> Result<()> {
-        let n = self.specs.len();
-        if params.len() != n || grads.len() != n {
-            return Err(KeelError::shape(
-                "step",
-                format!(
-                    "expected {n} parameter and gradient buffers, got {} and {}",
-                    params.len(),
-                    grads.len()
-                ),
-            ));
-        }
-        for ((spec, &p), &g) in self.specs.iter().zip(params).zip(grads) {
-            let want = spec.numel();
-            if p != want || g != want {
-                return Err(KeelError::shape(
-                    &spec.name,
-                    format!(
-                        "shape {:?} has {want} elements; parameter has {p}, gradient {g}",
-                        spec.shape
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// Per-tensor host inputs and f32 coefficients for step `t`.
     fn coefficients(&self, t: u64) -> (Vec<f64>, Vec<f32>) {
         let kind = &self.config.kind;
@@ -348,7 +322,9 @@ impl Core {
                     lr_i,
                     1.0 - lr_i * wd_i,
                 ],
-                OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) => Vec::new(),
+                OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) | OptimizerKind::Soap(_) => {
+                    Vec::new()
+                }
             };
             for (dst, x) in coef[i * COEF_LEN..].iter_mut().zip(k) {
                 *dst = x as f32;
@@ -624,56 +600,26 @@ impl Core {
     }
 
     fn state_dict(&self) -> Result<StateDict> {
-        let slots = state_slots(&self.config.kind);
-        let mut tensors = Vec::with_capacity(self.specs.len() * slots.len());
-        for (spec, state) in self.specs.iter().zip(&self.state) {
-            for (slot, data) in slots.iter().zip(state) {
-                tensors.push(StateTensor {
-                    name: format!("{}/{}", spec.name, slot),
-                    shape: spec.shape.clone(),
-                    data: StateData::F32(to_host(&self.stream, data, spec.numel())?),
-                });
-            }
-        }
-        Ok(StateDict {
-            config: self.config.clone(),
-            step: self.step,
-            dtype: "F32".to_string(),
-            specs: self.specs.clone(),
-            groups: self.groups.clone(),
-            tensors,
-            extra: Default::default(),
-        })
+        build_state_dict(
+            &self.config,
+            self.step,
+            "F32",
+            &self.specs,
+            &self.groups,
+            &self.state,
+            |data, spec| Ok(StateData::F32(to_host(&self.stream, data, spec.numel())?)),
+        )
     }
 
     fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
-        if sd.config.kind.name() != self.config.kind.name() {
-            return Err(KeelError::State(format!(
-                "state is for `{}`, optimizer is `{}`",
-                sd.config.kind.name(),
-                self.config.kind.name()
-            )));
-        }
-        if sd.dtype != "F32" {
-            return Err(KeelError::State(format!(
-                "state was saved by an optimizer computing in {}, the CUDA backend computes in F32",
-                sd.dtype
-            )));
-        }
-        sd.check_specs(&self.specs)?;
-        sd.config.validate()?;
-        let group_of = assign_groups(&self.specs, &sd.groups)?;
-        let slots = state_slots(&sd.config.kind);
         // Read everything on the host first, so a bad state changes nothing.
-        let mut host = Vec::with_capacity(self.specs.len());
-        for spec in &self.specs {
-            let mut bufs = Vec::with_capacity(slots.len());
-            for slot in slots {
-                let name = format!("{}/{}", spec.name, slot);
-                bufs.push(sd.tensor::<f32>(&name, spec.numel())?);
-            }
-            host.push(bufs);
-        }
+        let (group_of, host) = read_state::<f32>(
+            sd,
+            &self.config.kind,
+            "F32",
+            "the CUDA backend",
+            &self.specs,
+        )?;
         let mut state = Vec::with_capacity(host.len());
         for bufs in &host {
             let mut dev = Vec::with_capacity(bufs.len());
@@ -688,6 +634,57 @@ impl Core {
         self.state = state;
         self.step = sd.step;
         Ok(())
+    }
+
+    /// Checks the buffers, then runs one step on them: on `params` in place,
+    /// or, with `master`, on the f32 master weights, writing `params` as
+    /// their bf16 copy with the given rounding (bf16 gradients).
+    fn step_on<P, G>(
+        &mut self,
+        params: &mut [&mut CudaSlice<P>],
+        grads: &[&CudaSlice<G>],
+        master: Option<(&mut [CudaSlice<f32>], Rounding)>,
+    ) -> Result<StepStats> {
+        check_buffer_lens(
+            &self.specs,
+            params.iter().map(|p| p.len()),
+            grads.iter().map(|g| g.len()),
+        )?;
+        let stream = self.stream.clone();
+        let mut state_ptrs = Vec::new();
+        for i in 0..params.len() {
+            self.state_ptrs(i, &mut state_ptrs);
+        }
+        let mut syncs: Vec<SyncOnDrop<'_>> = Vec::with_capacity(3 * params.len());
+        let mut master_ptrs = Vec::new();
+        let rounding = master.map(|(master, rounding)| {
+            for m in master.iter_mut() {
+                let (mp, sm) = m.device_ptr_mut(&stream);
+                master_ptrs.push(mp);
+                syncs.push(sm);
+            }
+            rounding
+        });
+        let mut ptrs = Vec::with_capacity(params.len() * PTRS_LEN);
+        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
+            let (pp, sp) = p.device_ptr_mut(&stream);
+            let (gp, sg) = g.device_ptr(&stream);
+            syncs.extend([sp, sg]);
+            // Mixed precision: the kernels update the master weight and
+            // write the parameter as its bf16 copy.
+            let (target, out) = match master_ptrs.get(i) {
+                Some(&mp) => (mp, pp),
+                None => (pp, 0),
+            };
+            ptrs.extend([target, gp, state_ptrs[2 * i], state_ptrs[2 * i + 1], out]);
+        }
+        let stats = self.step(StepBuffers {
+            ptrs,
+            bf16_grads: rounding.is_some(),
+            rounding,
+        });
+        drop(syncs);
+        stats
     }
 
     /// Addresses of tensor `i`'s state slots (0 where absent).
@@ -738,14 +735,35 @@ fn adam_coef(
     ]
 }
 
+/// The [`Optimizer`] methods both CUDA optimizers answer from their `core`.
+macro_rules! core_optimizer_methods {
+    () => {
+        fn specs(&self) -> &[ParamSpec] {
+            &self.core.specs
+        }
+
+        fn config(&self) -> &OptimizerConfig {
+            &self.core.config
+        }
+
+        fn set_lr(&mut self, lr: f64) -> Result<()> {
+            self.core.config.set_lr(lr)
+        }
+
+        fn step_count(&self) -> u64 {
+            self.core.step
+        }
+    };
+}
+
 /// An optimizer whose f32 parameters, gradients and state live on a CUDA
 /// device.
 ///
 /// Parameters and gradients are `CudaSlice<f32>` buffers (allocate them on
 /// [`CudaOptimizer::stream`], or synchronize them with it); each step queues
 /// a fixed sequence of kernels on that stream and reads its statistics back
-/// once. SGD, Adam, AdamW, Lion, LAMB and LARS are supported; Muon and
-/// Shampoo are not yet (constructing one returns [`KeelError::Cuda`]).
+/// once. SGD, Adam, AdamW, Lion, LAMB and LARS are supported; Muon, Shampoo
+/// and SOAP are not yet (constructing one returns [`KeelError::Cuda`]).
 ///
 /// ```no_run
 /// use keel::backend::cuda::CudaOptimizer;
@@ -845,51 +863,14 @@ impl Optimizer for CudaOptimizer {
     type Param = CudaSlice<f32>;
     type Grad = CudaSlice<f32>;
 
-    fn specs(&self) -> &[ParamSpec] {
-        &self.core.specs
-    }
-
-    fn config(&self) -> &OptimizerConfig {
-        &self.core.config
-    }
-
-    fn set_lr(&mut self, lr: f64) -> Result<()> {
-        self.core.config.set_lr(lr)
-    }
-
-    fn step_count(&self) -> u64 {
-        self.core.step
-    }
+    core_optimizer_methods!();
 
     fn step(
         &mut self,
         params: &mut [&mut CudaSlice<f32>],
         grads: &[&CudaSlice<f32>],
     ) -> Result<StepStats> {
-        let p_len: Vec<usize> = params.iter().map(|p| p.len()).collect();
-        let g_len: Vec<usize> = grads.iter().map(|g| g.len()).collect();
-        self.core.check_lengths(&p_len, &g_len)?;
-        let stream = self.core.stream.clone();
-        let mut ptrs = Vec::with_capacity(params.len() * PTRS_LEN);
-        let mut syncs: Vec<SyncOnDrop<'_>> = Vec::with_capacity(2 * params.len());
-        let mut state_ptrs = Vec::new();
-        for i in 0..params.len() {
-            self.core.state_ptrs(i, &mut state_ptrs);
-        }
-        for (i, (p, g)) in params.iter_mut().zip(grads).enumerate() {
-            let (pp, sp) = p.device_ptr_mut(&stream);
-            let (gp, sg) = g.device_ptr(&stream);
-            syncs.push(sp);
-            syncs.push(sg);
-            ptrs.extend([pp, gp, state_ptrs[2 * i], state_ptrs[2 * i + 1], 0]);
-        }
-        let stats = self.core.step(StepBuffers {
-            ptrs,
-            bf16_grads: false,
-            rounding: None,
-        });
-        drop(syncs);
-        stats
+        self.core.step_on(params, grads, None)
     }
 
     fn state_dict(&self) -> Result<StateDict> {
@@ -925,8 +906,8 @@ impl CudaMixedPrecisionOptimizer {
         ordinal: usize,
     ) -> Result<Self> {
         let core = Core::new(config, specs, groups, ordinal)?;
-        let lens: Vec<usize> = initial.iter().map(|p| p.len()).collect();
-        core.check_lengths(&lens, &lens)?;
+        let lens = || initial.iter().map(|p| p.len());
+        check_buffer_lens(&core.specs, lens(), lens())?;
         let mut master = Vec::with_capacity(initial.len());
         for p in initial {
             let host: Vec<f32> = core
@@ -969,88 +950,27 @@ impl Optimizer for CudaMixedPrecisionOptimizer {
     type Param = CudaSlice<bf16>;
     type Grad = CudaSlice<bf16>;
 
-    fn specs(&self) -> &[ParamSpec] {
-        &self.core.specs
-    }
-
-    fn config(&self) -> &OptimizerConfig {
-        &self.core.config
-    }
-
-    fn set_lr(&mut self, lr: f64) -> Result<()> {
-        self.core.config.set_lr(lr)
-    }
-
-    fn step_count(&self) -> u64 {
-        self.core.step
-    }
+    core_optimizer_methods!();
 
     fn step(
         &mut self,
         params: &mut [&mut CudaSlice<bf16>],
         grads: &[&CudaSlice<bf16>],
     ) -> Result<StepStats> {
-        let p_len: Vec<usize> = params.iter().map(|p| p.len()).collect();
-        let g_len: Vec<usize> = grads.iter().map(|g| g.len()).collect();
-        self.core.check_lengths(&p_len, &g_len)?;
-        let stream = self.core.stream.clone();
-        let mut state_ptrs = Vec::new();
-        for i in 0..params.len() {
-            self.core.state_ptrs(i, &mut state_ptrs);
-        }
-        let mut ptrs = Vec::with_capacity(params.len() * PTRS_LEN);
-        let mut syncs: Vec<SyncOnDrop<'_>> = Vec::with_capacity(3 * params.len());
-        for (i, ((p, g), m)) in params
-            .iter_mut()
-            .zip(grads)
-            .zip(self.master.iter_mut())
-            .enumerate()
-        {
-            let (mp, sm) = m.device_ptr_mut(&stream);
-            let (gp, sg) = g.device_ptr(&stream);
-            let (op, so) = p.device_ptr_mut(&stream);
-            syncs.extend([sm, sg, so]);
-            ptrs.extend([mp, gp, state_ptrs[2 * i], state_ptrs[2 * i + 1], op]);
-        }
-        let stats = self.core.step(StepBuffers {
-            ptrs,
-            bf16_grads: true,
-            rounding: Some(self.rounding),
-        });
-        drop(syncs);
-        stats
+        self.core
+            .step_on(params, grads, Some((&mut self.master, self.rounding)))
     }
 
     fn state_dict(&self) -> Result<StateDict> {
         let mut sd = self.core.state_dict()?;
-        for (spec, m) in self.core.specs.iter().zip(&self.master) {
-            sd.tensors.push(StateTensor {
-                name: format!("{}/master", spec.name),
-                shape: spec.shape.clone(),
-                data: StateData::F32(to_host(&self.core.stream, m, spec.numel())?),
-            });
-        }
-        let rounding =
-            serde_json::to_string(&self.rounding).map_err(|e| KeelError::State(e.to_string()))?;
-        sd.extra.insert("rounding".into(), rounding);
+        save_master(&mut sd, &self.core.specs, self.rounding, |i, spec| {
+            to_host(&self.core.stream, &self.master[i], spec.numel())
+        })?;
         Ok(sd)
     }
 
     fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
-        let mut master = Vec::with_capacity(self.master.len());
-        for spec in &self.core.specs {
-            master.push(sd.tensor::<f32>(&format!("{}/master", spec.name), spec.numel())?);
-        }
-        let rounding = match sd.extra.get("rounding") {
-            Some(r) => {
-                serde_json::from_str(r).map_err(|e| KeelError::State(format!("rounding: {e}")))?
-            }
-            None => {
-                return Err(KeelError::State(
-                    "no master-weight rounding mode in state".into(),
-                ))
-            }
-        };
+        let (master, rounding) = read_master(sd, &self.core.specs)?;
         self.core.load_state_dict(sd)?;
         let mut dev = Vec::with_capacity(master.len());
         for m in &master {
