@@ -16,6 +16,7 @@ use serde::Deserialize;
 use crate::backend::cpu::CpuOptimizer;
 use crate::config::OptimizerConfig;
 use crate::error::{KeelError, Result};
+use crate::gpt::golden::{is_golden_json, load_golden};
 use crate::optim::Optimizer;
 use crate::real::Real;
 use crate::tensor::ParamSpec;
@@ -290,6 +291,11 @@ pub fn run_case(file: &Path, case: &Case, backend: Backend) -> CaseResult {
 pub fn run_paths(paths: &[PathBuf]) -> Result<Vec<CaseResult>> {
     let mut results = Vec::new();
     for file in case_files(paths)? {
+        let golden = std::fs::read_to_string(&file).is_ok_and(|t| is_golden_json(&t));
+        if golden {
+            results.extend(run_golden(&file));
+            continue;
+        }
         match load_case(&file) {
             Ok(case) => {
                 for backend in Backend::available() {
@@ -318,4 +324,60 @@ pub fn run_paths(paths: &[PathBuf]) -> Result<Vec<CaseResult>> {
         }
     }
     Ok(results)
+}
+
+/// Runs one golden GPT case (schema `keel-gpt-golden-v1`) forward and
+/// backward on every available backend: one row each, whose worst error is
+/// over the loss and every gradient.
+pub fn run_golden(file: &Path) -> Vec<CaseResult> {
+    let loaded = load_golden(file);
+    Backend::available()
+        .into_iter()
+        .map(|backend| {
+            let mut result = CaseResult {
+                file: file.to_path_buf(),
+                id: file
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                backend: backend.name(),
+                kind: "gpt".into(),
+                steps: 1,
+                worst_rel_err: f64::NAN,
+                tolerance: f64::NAN,
+                passed: false,
+                reason: String::new(),
+            };
+            let case = match &loaded {
+                Ok(case) => case,
+                Err(e) => {
+                    result.reason = e.to_string();
+                    return result;
+                }
+            };
+            result.id = case.meta.id.clone();
+            result.tolerance = match backend {
+                Backend::CpuF64 => case.meta.tolerance.f64_rel,
+                Backend::CpuF32 => case.meta.tolerance.f32_rel,
+            };
+            let report = match backend {
+                Backend::CpuF64 => case.check::<f64>(),
+                Backend::CpuF32 => case.check::<f32>(),
+            };
+            match report {
+                Ok(r) => {
+                    result.worst_rel_err = r.worst_rel_err;
+                    result.passed = r.worst_rel_err <= result.tolerance;
+                    if !result.passed {
+                        result.reason = format!(
+                            "`{}`: relative error {:.3e} exceeds {:.0e}",
+                            r.worst, r.worst_rel_err, result.tolerance
+                        );
+                    }
+                }
+                Err(e) => result.reason = e.to_string(),
+            }
+            result
+        })
+        .collect()
 }

@@ -46,6 +46,9 @@ pub enum KeelError {
         /// What is wrong with it.
         message: String,
     },
+    /// Training text could not be read or is unusable (missing, empty, too short).
+    #[error("data: {0}")]
+    Data(String),
 }
 
 impl KeelError {

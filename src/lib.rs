@@ -39,6 +39,7 @@ pub mod clip;
 pub mod config;
 pub mod conformance;
 pub mod error;
+pub mod gpt;
 pub mod group;
 pub mod guard;
 pub mod optim;

@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use keel::bench::{self, BenchDtype, BenchModel, BenchOptions};
 use keel::conformance;
+use keel::gpt::bench::{self as gpt_bench, GptBenchOptions};
+use keel::gpt::GptConfig;
 use keel::{KeelError, OptimizerConfig};
 
 #[derive(Parser)]
@@ -65,6 +67,44 @@ enum Command {
         #[arg(long, value_enum)]
         model: Option<Model>,
     },
+    /// Time one GPT training step (forward + backward, f32) and report tokens/s.
+    BenchGpt(GptBenchArgs),
+}
+
+/// `keel bench-gpt` options: the model and batch shape (defaults: the
+/// llm.c comparison config, B=12, T=64, C=128, L=4, H=4, V=65).
+#[derive(clap::Args)]
+struct GptBenchArgs {
+    /// Batch size B.
+    #[arg(long, default_value_t = 12)]
+    batch: usize,
+    /// Sequence length T (also the block size).
+    #[arg(long, default_value_t = 64)]
+    seq_len: usize,
+    /// Embedding width C.
+    #[arg(long, default_value_t = 128)]
+    n_embd: usize,
+    /// Blocks L.
+    #[arg(long, default_value_t = 4)]
+    n_layer: usize,
+    /// Heads H.
+    #[arg(long, default_value_t = 4)]
+    n_head: usize,
+    /// Vocabulary V.
+    #[arg(long, default_value_t = 65)]
+    vocab_size: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Warm-up steps (not timed).
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print one JSON object instead of a line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -92,6 +132,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<ExitCode, KeelError> {
     match cli.command {
         Command::Conformance { paths } => conformance_command(&paths),
+        Command::BenchGpt(args) => bench_gpt_command(args),
         Command::Bench {
             optimizer,
             config,
@@ -218,4 +259,45 @@ fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .map_err(|e| KeelError::config("threads", e.to_string()))?;
+    }
+    let config = GptConfig::new(a.vocab_size, a.seq_len, a.n_layer, a.n_head, a.n_embd);
+    let r = gpt_bench::run(&GptBenchOptions {
+        config,
+        batch: a.batch,
+        seq_len: a.seq_len,
+        steps: a.steps,
+        warmup: a.warmup,
+    })?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string(&r).map_err(|e| KeelError::State(e.to_string()))?
+        );
+    } else {
+        println!(
+            "gpt f32 B={} T={} C={} L={} H={} V={} ({} params), {} threads, median of {} steps",
+            r.batch,
+            r.seq_len,
+            a.n_embd,
+            a.n_layer,
+            a.n_head,
+            a.vocab_size,
+            r.params,
+            r.threads,
+            r.steps
+        );
+        println!(
+            "  step {:8.2} ms (min {:.2} ms)  {:.0} tokens/s",
+            r.ms_per_step, r.min_ms, r.tokens_per_s
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,244 @@
+//! Char-level text data: a vocabulary of the text's distinct characters, a
+//! 90/10 train/validation split, seeded random training batches and a fixed
+//! set of validation batches.
+//!
+//! ```
+//! use keel::gpt::data::Dataset;
+//! use keel::gpt::SplitMix64;
+//! let data = Dataset::tiny_shakespeare(64)?;
+//! assert_eq!(data.vocab().len(), 65);
+//! let mut rng = SplitMix64::new(7);
+//! let batch = data.train_batch(&mut rng, 4, 64)?;
+//! assert_eq!(batch.tokens.len(), 4 * 64);
+//! // Targets are the tokens shifted by one.
+//! assert_eq!(batch.tokens[1..64], batch.targets[..63]);
+//! # Ok::<(), keel::KeelError>(())
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use super::rng::SplitMix64;
+use crate::error::{KeelError, Result};
+
+/// The default corpus: Tiny Shakespeare (1,115,394 characters, 65 distinct).
+pub const TINY_SHAKESPEARE: &str = include_str!("../../data/tinyshakespeare.txt");
+
+/// A character-level vocabulary: the sorted distinct characters of a text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CharVocab {
+    chars: Vec<char>,
+}
+
+impl CharVocab {
+    /// The vocabulary of `text` (sorted distinct characters).
+    pub fn from_text(text: &str) -> Self {
+        let set: BTreeSet<char> = text.chars().collect();
+        CharVocab {
+            chars: set.into_iter().collect(),
+        }
+    }
+
+    /// Number of characters `V`.
+    pub fn len(&self) -> usize {
+        self.chars.len()
+    }
+
+    /// Whether the vocabulary is empty.
+    pub fn is_empty(&self) -> bool {
+        self.chars.is_empty()
+    }
+
+    /// The characters, sorted (id = position).
+    pub fn chars(&self) -> &[char] {
+        &self.chars
+    }
+
+    /// The id of `ch`, if it is in the vocabulary.
+    pub fn id(&self, ch: char) -> Option<u32> {
+        self.chars.binary_search(&ch).ok().map(|i| i as u32)
+    }
+
+    /// Ids of every character of `text`; an unknown character is an error.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        text.chars()
+            .map(|ch| {
+                self.id(ch).ok_or_else(|| {
+                    KeelError::Data(format!("character {ch:?} is not in the vocabulary"))
+                })
+            })
+            .collect()
+    }
+
+    /// The text of `ids`; an id outside the vocabulary is an error.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        ids.iter()
+            .map(|&i| {
+                self.chars.get(i as usize).copied().ok_or_else(|| {
+                    KeelError::Data(format!(
+                        "id {i} is not below vocabulary size {}",
+                        self.len()
+                    ))
+                })
+            })
+            .collect()
+    }
+}
+
+/// `B` sequences of `T` tokens and their next-token targets, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Batch size `B`.
+    pub batch: usize,
+    /// Sequence length `T`.
+    pub seq_len: usize,
+    /// Input ids `[B, T]`.
+    pub tokens: Vec<u32>,
+    /// Target ids `[B, T]`: each token's successor in the text.
+    pub targets: Vec<u32>,
+}
+
+/// An encoded text split into training (first 90%) and validation (last
+/// 10%) tokens.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    vocab: CharVocab,
+    train: Vec<u32>,
+    val: Vec<u32>,
+}
+
+impl Dataset {
+    /// The embedded Tiny Shakespeare corpus, checked for sequences of `seq_len`.
+    pub fn tiny_shakespeare(seq_len: usize) -> Result<Self> {
+        Self::from_text(TINY_SHAKESPEARE, seq_len)
+    }
+
+    /// Reads a UTF-8 text file; errors name the file (missing, unreadable,
+    /// not UTF-8, empty, or too short for `seq_len`).
+    pub fn from_file(path: &Path, seq_len: usize) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| KeelError::Data(format!("cannot read `{}`: {e}", path.display())))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| KeelError::Data(format!("`{}` is not UTF-8 text: {e}", path.display())))?;
+        Self::from_text(&text, seq_len)
+            .map_err(|e| KeelError::Data(format!("`{}`: {}", path.display(), strip(&e))))
+    }
+
+    /// Encodes `text` and splits it 90/10. Both splits must hold at least
+    /// `seq_len + 1` characters, so that one sequence and its targets fit.
+    pub fn from_text(text: &str, seq_len: usize) -> Result<Self> {
+        if seq_len == 0 {
+            return Err(KeelError::config("seq_len", "must be at least 1"));
+        }
+        if text.is_empty() {
+            return Err(KeelError::Data("the text is empty".into()));
+        }
+        let vocab = CharVocab::from_text(text);
+        let mut ids = vocab.encode(text)?;
+        let n_train = ids.len() * 9 / 10;
+        let val = ids.split_off(n_train);
+        let need = seq_len + 1;
+        if ids.len() < need || val.len() < need {
+            return Err(KeelError::Data(format!(
+                "the text is too short: {} characters give train/val splits of {}/{}, \
+                 each needs at least seq_len + 1 = {need} (at least {} characters in all)",
+                ids.len() + val.len(),
+                ids.len(),
+                val.len(),
+                10 * need
+            )));
+        }
+        Ok(Dataset {
+            vocab,
+            train: ids,
+            val,
+        })
+    }
+
+    /// The vocabulary.
+    pub fn vocab(&self) -> &CharVocab {
+        &self.vocab
+    }
+
+    /// Training tokens (the first 90% of the text).
+    pub fn train_tokens(&self) -> &[u32] {
+        &self.train
+    }
+
+    /// Validation tokens (the last 10%).
+    pub fn val_tokens(&self) -> &[u32] {
+        &self.val
+    }
+
+    /// A training batch of `b` windows at uniformly random offsets drawn
+    /// from `rng` (the same seed gives the same batches).
+    pub fn train_batch(&self, rng: &mut SplitMix64, b: usize, t: usize) -> Result<Batch> {
+        let mut batch = empty_batch(b, t)?;
+        check_fits(&self.train, t, "train")?;
+        let starts = (self.train.len() - t) as u64;
+        for row in 0..b {
+            let s = rng.below(starts) as usize;
+            fill_row(&mut batch, row, &self.train[s..s + t + 1]);
+        }
+        Ok(batch)
+    }
+
+    /// `n` validation batches of `b` windows, fixed by the data alone:
+    /// consecutive non-overlapping windows from the start of the validation
+    /// split, wrapping around when it is shorter than `n * b` windows.
+    pub fn val_batches(&self, n: usize, b: usize, t: usize) -> Result<Vec<Batch>> {
+        check_fits(&self.val, t, "validation")?;
+        let windows = (self.val.len() - 1) / t;
+        (0..n)
+            .map(|k| {
+                let mut batch = empty_batch(b, t)?;
+                for row in 0..b {
+                    let s = ((k * b + row) % windows) * t;
+                    fill_row(&mut batch, row, &self.val[s..s + t + 1]);
+                }
+                Ok(batch)
+            })
+            .collect()
+    }
+}
+
+fn empty_batch(b: usize, t: usize) -> Result<Batch> {
+    if b == 0 {
+        return Err(KeelError::config("batch", "must be at least 1"));
+    }
+    if t == 0 {
+        return Err(KeelError::config("seq_len", "must be at least 1"));
+    }
+    Ok(Batch {
+        batch: b,
+        seq_len: t,
+        tokens: vec![0; b * t],
+        targets: vec![0; b * t],
+    })
+}
+
+fn check_fits(split: &[u32], t: usize, name: &str) -> Result<()> {
+    if split.len() < t + 1 {
+        return Err(KeelError::Data(format!(
+            "the {name} split has {} tokens, fewer than seq_len + 1 = {}",
+            split.len(),
+            t + 1
+        )));
+    }
+    Ok(())
+}
+
+/// Row `row` of the batch from a window of `t + 1` tokens.
+fn fill_row(batch: &mut Batch, row: usize, window: &[u32]) {
+    let t = batch.seq_len;
+    batch.tokens[row * t..(row + 1) * t].copy_from_slice(&window[..t]);
+    batch.targets[row * t..(row + 1) * t].copy_from_slice(&window[1..]);
+}
+
+/// The message of a data error without its prefix, to re-wrap it with a path.
+fn strip(e: &KeelError) -> String {
+    match e {
+        KeelError::Data(m) => m.clone(),
+        other => other.to_string(),
+    }
+}
