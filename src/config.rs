@@ -645,7 +645,12 @@ impl OptimizerConfig {
                 let freq = c.precondition_frequency as f64;
                 require(&f("precondition_frequency"), freq, freq >= 1.0, ">= 1")?;
                 let start = c.start_preconditioning_step as f64;
-                require(&f("start_preconditioning_step"), start, start >= 1.0, ">= 1")?;
+                require(
+                    &f("start_preconditioning_step"),
+                    start,
+                    start >= 1.0,
+                    ">= 1",
+                )?;
                 let d = c.max_preconditioner_dim as f64;
                 require(&f("max_preconditioner_dim"), d, d >= 1.0, ">= 1")?;
             }

@@ -446,9 +446,7 @@ impl<T: Real> CpuOptimizer<T> {
                     let (lw, shape) = ((lr_of[i], wd_of[i]), &specs[i].shape[..]);
                     match &prep {
                         GradPrep::Scale(pr) => soap::step(c, t, lw, pr, shape, p, g, st, par),
-                        GradPrep::ClampScale(pr) => {
-                            soap::step(c, t, lw, pr, shape, p, g, st, par)
-                        }
+                        GradPrep::ClampScale(pr) => soap::step(c, t, lw, pr, shape, p, g, st, par),
                     }
                 },
             );

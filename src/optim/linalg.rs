@@ -90,11 +90,24 @@ pub(crate) fn mode_gram_add<T: Real>(gram: &mut [T], x: &[T], dims: &[usize], j:
 /// `y = x x_j p`: every mode-`j` fibre of `x` multiplied by the `n x n`
 /// matrix `p` (`Y_o = P X_o` per slice; the last mode is `Y = X P^T`, one
 /// GEMM). `y` must have `x`'s length.
-pub(crate) fn mode_product<T: Real>(y: &mut [T], x: &[T], dims: &[usize], j: usize, p: MatRef<'_, T>) {
+pub(crate) fn mode_product<T: Real>(
+    y: &mut [T],
+    x: &[T],
+    dims: &[usize],
+    j: usize,
+    p: MatRef<'_, T>,
+) {
     let (outer, n, inner) = around(dims, j);
     if inner == 1 {
         let ym = view_mut(y, outer, n);
-        matmul(ym, Accum::Replace, view(x, outer, n), p.transpose(), T::one(), Par::Seq);
+        matmul(
+            ym,
+            Accum::Replace,
+            view(x, outer, n),
+            p.transpose(),
+            T::one(),
+            Par::Seq,
+        );
         return;
     }
     for o in 0..outer {
@@ -123,8 +136,12 @@ pub(crate) fn sym_eigen<T: Real>(a: MatRef<'_, T>) -> Option<SymEigen<T>> {
     }
     let mut vectors = Mat::<T>::zeros(n, n);
     let mut values = faer::diag::Diag::<T>::zeros(n);
-    let scratch =
-        evd::self_adjoint_evd_scratch::<T>(n, ComputeEigenvectors::Yes, Par::Seq, Default::default());
+    let scratch = evd::self_adjoint_evd_scratch::<T>(
+        n,
+        ComputeEigenvectors::Yes,
+        Par::Seq,
+        Default::default(),
+    );
     let mut buffer = MemBuffer::new(scratch);
     evd::self_adjoint_evd(
         a,
@@ -160,7 +177,14 @@ pub(crate) fn spectral_apply<E: Real, T: Real>(
         T::from_f64x(eig.vectors[(a, i)].to_f64x() * scale[i])
     });
     let mut o = view_mut(out, n, n);
-    matmul_lower(o.as_mut(), Accum::Replace, q_scaled.as_ref(), q.transpose(), T::one(), Par::Seq);
+    matmul_lower(
+        o.as_mut(),
+        Accum::Replace,
+        q_scaled.as_ref(),
+        q.transpose(),
+        T::one(),
+        Par::Seq,
+    );
     mirror_lower(o);
     out.iter().all(|x| x.is_finite())
 }

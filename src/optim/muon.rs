@@ -107,7 +107,14 @@ pub fn newton_schulz_spectral<T: Real>(
     let normalized = Mat::<T>::from_fn(r, n, |i, j| x[(i, j)] * inv);
     let mut gram = Mat::<T>::zeros(r, r);
     let x_ref = normalized.as_ref();
-    linalg::matmul_lower(gram.as_mut(), Accum::Replace, x_ref, x_ref.transpose(), T::one(), par);
+    linalg::matmul_lower(
+        gram.as_mut(),
+        Accum::Replace,
+        x_ref,
+        x_ref.transpose(),
+        T::one(),
+        par,
+    );
     let [ca, cb, cc] = coeffs;
     let h = |mu: f64| {
         // Rounding can leave tiny negative eigenvalues of a Gram matrix.

@@ -123,7 +123,9 @@ pub(crate) fn blocks(shape: &[usize], max_dim: usize) -> Vec<Block> {
                 rem /= counts[j];
             }
             Block {
-                dims: (0..k).map(|j| (merged[j] - corner[j]).min(max_dim)).collect(),
+                dims: (0..k)
+                    .map(|j| (merged[j] - corner[j]).min(max_dim))
+                    .collect(),
                 start: (0..k).map(|j| corner[j] * strides[j]).sum(),
                 strides: strides.clone(),
             }
@@ -158,7 +160,6 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], max_dim: usize) -> Vec<Vec
         roots,
     ]
 }
-
 
 /// What one tensor's step reports besides its norms.
 #[derive(Debug, Default, Clone, Copy)]
@@ -318,7 +319,13 @@ fn block_step<T: Real>(
         Grafting::None => None,
         Grafting::Adagrad { eps } => {
             let eps = T::from_f64x(eps);
-            Some(g_hat.iter().zip(&vb).map(|(&gh, &v)| gh / (v.sqrt() + eps)).collect())
+            Some(
+                g_hat
+                    .iter()
+                    .zip(&vb)
+                    .map(|(&gh, &v)| gh / (v.sqrt() + eps))
+                    .collect(),
+            )
         }
         Grafting::Adam { beta2, eps } => {
             let bc2 = T::from_f64x(1.0 - beta2.powf(t as f64));
@@ -344,7 +351,12 @@ fn block_step<T: Real>(
                 std::mem::swap(&mut d, &mut scratch);
             }
             if let Some(dg) = graft {
-                let norm = |x: &[T]| x.iter().map(|v| v.to_f64x() * v.to_f64x()).sum::<f64>().sqrt();
+                let norm = |x: &[T]| {
+                    x.iter()
+                        .map(|v| v.to_f64x() * v.to_f64x())
+                        .sum::<f64>()
+                        .sqrt()
+                };
                 let scale = T::from_f64x(norm(&dg) / (norm(&d) + 1e-16));
                 d.iter_mut().for_each(|x| *x = *x * scale);
             }

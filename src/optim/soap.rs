@@ -107,7 +107,13 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], c: &SoapConfig) -> Vec<Vec
     let mut bases = Vec::with_capacity(sides.matrix_len());
     for (on, n) in [(sides.left, sides.rows), (sides.right, sides.cols)] {
         if on {
-            bases.extend((0..n * n).map(|i| if i % (n + 1) == 0 { T::one() } else { T::zero() }));
+            bases.extend((0..n * n).map(|i| {
+                if i % (n + 1) == 0 {
+                    T::one()
+                } else {
+                    T::zero()
+                }
+            }));
         }
     }
     vec![
@@ -259,7 +265,10 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
             }
         }
         let in_params = rotate(m, dims, ql.as_deref(), qr.as_deref(), Direction::Back, par);
-        for (slot, (q, ok)) in [ql.as_deref_mut(), qr.as_deref_mut()].into_iter().zip(fresh) {
+        for (slot, (q, ok)) in [ql.as_deref_mut(), qr.as_deref_mut()]
+            .into_iter()
+            .zip(fresh)
+        {
             if let (Some(slot), true) = (slot, ok) {
                 slot.copy_from_slice(&q);
             }
@@ -275,13 +284,32 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     }
 
     // 4. AdamW in the eigenbasis, rotated back.
-    let g_rot = rotate(&gm, dims, ql.as_deref(), qr.as_deref(), Direction::Into, par);
+    let g_rot = rotate(
+        &gm,
+        dims,
+        ql.as_deref(),
+        qr.as_deref(),
+        Direction::Into,
+        par,
+    );
     let mut n_rot = vec![T::zero(); g_rot.len()];
-    for (((&gr, m), v), n) in g_rot.iter().zip(m.iter_mut()).zip(v.iter_mut()).zip(&mut n_rot) {
+    for (((&gr, m), v), n) in g_rot
+        .iter()
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+        .zip(&mut n_rot)
+    {
         k.moments(gr, m, v);
         *n = k.direction(*m, *v);
     }
-    let n = rotate(&n_rot, dims, ql.as_deref(), qr.as_deref(), Direction::Back, par);
+    let n = rotate(
+        &n_rot,
+        dims,
+        ql.as_deref(),
+        qr.as_deref(),
+        Direction::Back,
+        par,
+    );
     let mut sums = Sums::default();
     for (w, &d) in p.iter_mut().zip(&n) {
         let old = *w;
