@@ -11,7 +11,7 @@ use keel::conformance;
 use keel::gpt::bench::{self as gpt_bench, GptBenchOptions};
 use keel::gpt::data::Dataset;
 use keel::gpt::lab::{self, LabOptions, Preset};
-use keel::gpt::train::{self, ModelCheckpoint, TrainConfig, Trainer};
+use keel::gpt::train::{self, ModelCheckpoint, Stress, TrainConfig, Trainer};
 use keel::gpt::GptConfig;
 use keel::{KeelError, OptimizerConfig};
 
@@ -47,6 +47,17 @@ enum Command {
         /// A UTF-8 text file to train on (default: Tiny Shakespeare).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Comma-separated arms (adamw, adamw+clip1, adamw+update-clip,
+        /// adamw+zclip, adamw+guard, lamb, muon+adamw, shampoo).
+        #[arg(long, value_delimiter = ',')]
+        arms: Option<Vec<String>>,
+        /// A TOML file of spike-inducing settings replacing the preset's
+        /// (fields of keel::gpt::train::Stress).
+        #[arg(long)]
+        stress: Option<PathBuf>,
+        /// The stress's lr multiplier.
+        #[arg(long)]
+        lr_mult: Option<f64>,
     },
     /// Train one GPT from flags or a TOML config, with checkpoints.
     Train(TrainArgs),
@@ -253,7 +264,18 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             seeds,
             steps,
             data,
+            arms,
+            stress,
+            lr_mult,
         } => {
+            let arms = arms
+                .map(|a| {
+                    a.iter()
+                        .map(|s| s.parse::<lab::Arm>())
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
+            let stress = stress.map(|p| Stress::from_toml_file(&p)).transpose()?;
             let preset = match preset {
                 LabPreset::Default => Preset::Default,
                 LabPreset::Smoke => Preset::Smoke,
@@ -266,6 +288,9 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 seeds,
                 steps,
                 data,
+                arms,
+                stress,
+                lr_mult,
                 progress: true,
             })?;
             println!("{}", r.table);

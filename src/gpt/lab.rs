@@ -207,33 +207,33 @@ impl LabConfig {
     /// The settings of a preset.
     pub fn preset(preset: Preset) -> Self {
         let model = |l, c, t| GptConfig::new(65, t, l, 4, c);
-        // The stress found by experiment on the default model: a 10x lr
-        // (3e-2 peak), 10 warmup steps, post-LN, no clipping, beta2 0.99 with
-        // a tiny epsilon, and three outlier batches late in training.
+        // The stress found by experiment on the default model (3 seeds x
+        // 400 steps: plain AdamW spiked in 3/3 seeds, AdamW clipped at 1.0
+        // in none): a 3x lr (9e-3 peak), 10 warmup steps, no clipping, beta2
+        // 0.999 with a tiny epsilon (a large gradient meets a second moment
+        // that remembers small ones), and three outlier batches after the
+        // detector's warm-up.
+        let outliers = |at: [u64; 3]| -> Vec<Outlier> {
+            [
+                OutlierKind::RepeatedChar,
+                OutlierKind::GradX100,
+                OutlierKind::RandomChars,
+            ]
+            .into_iter()
+            .zip(at)
+            .map(|(kind, step)| Outlier { step, kind })
+            .collect()
+        };
         let stress = Stress {
-            lr_mult: 10.0,
+            lr_mult: 3.0,
             warmup_steps: Some(10),
-            post_ln: true,
             no_clip: true,
             eps: Some(1e-12),
-            beta2: Some(0.99),
-            outliers: vec![
-                Outlier {
-                    step: 250,
-                    kind: OutlierKind::RepeatedChar,
-                },
-                Outlier {
-                    step: 330,
-                    kind: OutlierKind::GradX100,
-                },
-                Outlier {
-                    step: 410,
-                    kind: OutlierKind::RandomChars,
-                },
-            ],
+            beta2: Some(0.999),
+            outliers: outliers([150, 200, 250]),
             ..Stress::default()
         };
-        let mut base = TrainConfig::new(model(2, 64, 32), 500);
+        let mut base = TrainConfig::new(model(2, 64, 32), 300);
         base.schedule = super::train::ScheduleKind::Constant;
         base.eval_batches = 4;
         let mut lab = LabConfig {
@@ -247,13 +247,13 @@ impl LabConfig {
         match preset {
             Preset::Default => {}
             Preset::Smoke => {
-                lab.base.steps = 60;
+                lab.base.steps = 150;
                 lab.base.model.block_size = 16;
                 lab.base.batch = 4;
                 lab.base.eval_batches = 2;
                 lab.seeds = 1;
                 lab.stress.outliers = vec![Outlier {
-                    step: 40,
+                    step: 120,
                     kind: OutlierKind::GradX100,
                 }];
                 lab.stress.warmup_steps = Some(5);
@@ -263,13 +263,7 @@ impl LabConfig {
                 lab.base.steps = 1200;
                 lab.seeds = 5;
                 lab.sizes = vec![(4, 128)];
-                lab.stress.outliers = [
-                    (500, OutlierKind::RepeatedChar),
-                    (700, OutlierKind::GradX100),
-                    (900, OutlierKind::RandomChars),
-                ]
-                .map(|(step, kind)| Outlier { step, kind })
-                .to_vec();
+                lab.stress.outliers = outliers([500, 700, 900]);
             }
             Preset::Scale => {
                 lab.arms = vec![Arm::AdamW, Arm::AdamWClip, Arm::AdamWZClip];
@@ -293,6 +287,12 @@ pub struct LabOptions {
     pub data: Option<PathBuf>,
     /// Steps per run (default: the preset's).
     pub steps: Option<u64>,
+    /// Only these arms (default: the preset's).
+    pub arms: Option<Vec<Arm>>,
+    /// Replaces the preset's stress settings.
+    pub stress: Option<Stress>,
+    /// Replaces the stress's lr multiplier.
+    pub lr_mult: Option<f64>,
     /// Show progress bars.
     pub progress: bool,
 }
@@ -373,6 +373,18 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
         lab.base.steps = s;
         lab.stress.outliers.retain(|o| o.step < s);
     }
+    if let Some(arms) = &options.arms {
+        if arms.is_empty() {
+            return Err(KeelError::config("--arms", "names no arm"));
+        }
+        lab.arms = arms.clone();
+    }
+    if let Some(stress) = &options.stress {
+        lab.stress = stress.clone();
+    }
+    if let Some(m) = options.lr_mult {
+        lab.stress.lr_mult = m;
+    }
     let t = lab.base.model.block_size;
     let data = match &options.data {
         Some(path) => Dataset::from_file(path, t)?,
@@ -416,6 +428,12 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     let n_jobs = jobs.len();
     let ln_v = (data.vocab().len() as f64).ln();
     let detector = SpikeDetectorConfig::default();
+    let outlier_steps: Vec<usize> = lab
+        .stress
+        .outliers
+        .iter()
+        .map(|o| o.step as usize)
+        .collect();
     // Runs go two at a time (one per core): the tiny model's matmuls do not
     // keep two threads busy, so arms in parallel finish sooner.
     let results: Vec<Result<RunResult>> = jobs
@@ -427,7 +445,8 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
             let layer_names = trainer.layer_names();
             let summary =
                 trainer.run(&data, Some(&run_dir.join("metrics.jsonl")), |_| bar.inc(1))?;
-            let events = analyze_losses(&summary.losses, &detector)?;
+            let events =
+                analyze_losses(&judged_losses(&summary.losses, &outlier_steps), &detector)?;
             let diverged = summary.non_finite || summary.final_val_loss >= ln_v - 0.1;
             let mut d = done
                 .lock()
@@ -456,6 +475,33 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
         table,
         rows,
     })
+}
+
+/// The loss series the spike analysis judges: an injected outlier batch's
+/// own loss measures that batch, not the model, so it is replaced by the
+/// previous step's loss (what follows the outlier is judged as usual).
+pub fn judged_losses(losses: &[f64], outlier_steps: &[usize]) -> Vec<f64> {
+    let mut out = losses.to_vec();
+    for &s in outlier_steps {
+        if s > 0 && s < out.len() {
+            out[s] = out[s - 1];
+        }
+    }
+    out
+}
+
+impl std::str::FromStr for Arm {
+    type Err = KeelError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Arm::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Arm::ALL.iter().map(|a| a.name()).collect();
+            KeelError::config(
+                "--arms",
+                format!("unknown arm `{s}` (one of {})", names.join(", ")),
+            )
+        })
+    }
 }
 
 fn run_name(arm: Arm, size: (usize, usize), seed: u64, sized: bool) -> String {

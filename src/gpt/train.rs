@@ -99,6 +99,14 @@ impl Default for Stress {
 }
 
 impl Stress {
+    /// Reads stress settings from a TOML file; errors name the file and field.
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path)
+            .map_err(|e| KeelError::config("stress", format!("{}: {e}", path.display())))?;
+        toml::from_str(&text)
+            .map_err(|e| KeelError::config("stress", format!("{}: {e}", path.display())))
+    }
+
     /// Writes these settings into `config` (the stress fields become part of
     /// the config itself, so a run records what it really trained with).
     pub fn apply(&self, config: &mut TrainConfig) -> Result<()> {
