@@ -222,6 +222,10 @@ struct TrainArgs {
     /// Continue from <out>/checkpoint (flags other than --steps are ignored).
     #[arg(long)]
     resume: bool,
+    /// A TOML file of spike-inducing settings applied on top of the config
+    /// (the fields of keel::gpt::train::Stress, as in `spike-lab --stress`).
+    #[arg(long)]
+    stress: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -476,6 +480,9 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
     }
     if a.ema.is_some() {
         config.ema_decay = a.ema;
+    }
+    if let Some(path) = &a.stress {
+        Stress::from_toml_file(path)?.apply(&mut config)?;
     }
     let data = match &a.data {
         Some(path) => Dataset::from_file(path, config.model.block_size)?,

@@ -9,9 +9,9 @@ use keel::OptimizerConfig;
 #[test]
 fn short_training_run_validation_loss_falls_below_2_5() {
     let data = Dataset::tiny_shakespeare(32).unwrap();
-    let mut c = TrainConfig::new(GptConfig::new(65, 32, 2, 4, 64), 300);
+    let mut c = TrainConfig::new(GptConfig::new(65, 32, 2, 4, 64), 400);
     c.batch = 16;
-    c.optimizer.set_lr(1e-2).unwrap();
+    c.optimizer.set_lr(3e-3).unwrap();
     c.eval_batches = 8;
     let mut t = Trainer::new(c, &data).unwrap();
     let s = t.run(&data, None, |_| {}).unwrap();
@@ -28,6 +28,7 @@ fn short_training_run_validation_loss_falls_below_2_5() {
 fn resume_config(steps: u64) -> TrainConfig {
     let mut c = TrainConfig::new(GptConfig::new(65, 16, 2, 2, 32), steps);
     c.batch = 4;
+    c.warmup_steps = 4;
     c.grad_accum = 2;
     c.ema_decay = Some(0.9);
     c.layer_lr_decay = 0.8;

@@ -626,16 +626,16 @@ fn verdict(row: &ArmRow, base: &ArmRow) -> (&'static str, String) {
     let worse_val = v > bv + TOL;
     let verdict = if row.diverged != base.diverged {
         if row.diverged < base.diverged {
-            "better"
+            "better than"
         } else {
-            "worse"
+            "worse than"
         }
     } else if (row.spikes < base.spikes && !worse_val) || (better_val && row.spikes <= base.spikes)
     {
-        "better"
+        "better than"
     } else if (row.spikes > base.spikes && !better_val) || (worse_val && row.spikes >= base.spikes)
     {
-        "worse"
+        "worse than"
     } else if row.spikes == base.spikes && !better_val && !worse_val {
         "about the same as"
     } else {
@@ -780,7 +780,7 @@ fn write_report(
     )?;
     let _ = writeln!(
         md,
-        "## Loss curves (seed 0)\n\nTraining loss per step, 10-step mean, clipped at ln(V) + 1; \
+        "## Loss curves (seed 0)\n\nTraining loss per step, 5-step mean (NaN/Inf dropped), clipped at ln(V) + 1; \
          outlier batches at steps {}.\n\n![loss curves](loss_curves.svg)\n\n\
          ([PNG](loss_curves.png); legend order: {})\n",
         lab.stress

@@ -82,6 +82,17 @@ fn draw_curves<DB: DrawingBackend>(
 ) -> DrawResult<DB> {
     root.fill(&WHITE)?;
     let steps = series.iter().map(|s| s.1.len()).max().unwrap_or(1).max(1) as f64;
+    // Room for the highest curve, never above the caller's ceiling.
+    let top = series
+        .iter()
+        .flat_map(|s| smooth(&s.1, 5))
+        .map(|p| p.1)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let ymax = if top.is_finite() {
+        top.min(ymax) + 0.1
+    } else {
+        ymax
+    };
     let ymin = series
         .iter()
         .flat_map(|s| smooth(&s.1, 5))

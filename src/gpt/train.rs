@@ -636,9 +636,12 @@ impl Trainer {
         step: u64,
         micro: usize,
     ) -> Result<(Batch, Option<OutlierKind>)> {
-        let mix =
+        // Hash (seed, step, micro) into the generator's start: nearby raw
+        // starts would make consecutive steps' streams overlap (splitmix64
+        // advances its state by a constant), repeating windows across steps.
+        let key =
             self.config.seed ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ ((micro as u64) << 48);
-        let mut rng = SplitMix64::new(mix);
+        let mut rng = SplitMix64::new(SplitMix64::new(key).next_u64());
         let (b, t) = (self.config.batch, self.config.model.block_size);
         let mut batch = data.train_batch(&mut rng, b, t)?;
         let outlier = self
