@@ -275,7 +275,7 @@ fn block_step<T: Real>(
         .map(|(j, (lj, rj))| {
             if c.beta2 != 1.0 {
                 let beta2 = T::from_f64x(c.beta2);
-                lj.iter_mut().for_each(|x| *x = *x * beta2);
+                lj.iter_mut().for_each(|x| *x *= beta2);
             }
             linalg::mode_gram_add(lj, gb, dims, j, weight);
             if !amortize {
@@ -301,7 +301,7 @@ fn block_step<T: Real>(
     for ((&gi, v), m) in gb.iter().zip(vb.iter_mut()).zip(mb.iter_mut()) {
         match c.grafting {
             Grafting::None => {}
-            Grafting::Adagrad { .. } => *v = *v + gi * gi,
+            Grafting::Adagrad { .. } => *v += gi * gi,
             Grafting::Adam { beta2, .. } => {
                 let b2 = T::from_f64x(beta2);
                 *v = b2 * *v + (one - b2) * gi * gi;
@@ -358,7 +358,7 @@ fn block_step<T: Real>(
                         .sqrt()
                 };
                 let scale = T::from_f64x(norm(&dg) / (norm(&d) + 1e-16));
-                d.iter_mut().for_each(|x| *x = *x * scale);
+                d.iter_mut().for_each(|x| *x *= scale);
             }
             d
         }

@@ -231,7 +231,7 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     let sb = c.factor_beta();
     for (factor, left) in [(l, true), (r, false)] {
         let Some(f) = factor else { continue };
-        f.iter_mut().for_each(|x| *x = *x * T::from_f64x(sb));
+        f.iter_mut().for_each(|x| *x *= T::from_f64x(sb));
         let x = view(&gm, sides.rows, sides.cols);
         let (n, a, b) = match left {
             true => (sides.rows, x, x.transpose()),
