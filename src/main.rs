@@ -1,4 +1,5 @@
-//! The `keel` command line: conformance checks and step benchmarks.
+//! The `keel` command line: the spike lab, GPT training and sampling,
+//! conformance checks and step benchmarks.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,6 +9,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keel::bench::{self, BenchDevice, BenchDtype, BenchModel, BenchOptions, BenchTarget};
 use keel::conformance;
 use keel::gpt::bench::{self as gpt_bench, GptBenchOptions};
+use keel::gpt::data::Dataset;
+use keel::gpt::lab::{self, LabOptions, Preset};
+use keel::gpt::train::{self, ModelCheckpoint, Stress, TrainConfig, Trainer};
 use keel::gpt::GptConfig;
 use keel::{KeelError, OptimizerConfig};
 
@@ -24,6 +28,56 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train a tiny GPT under spike-inducing settings with several optimizer
+    /// and guard arms over several seeds; writes runs/<name>/report.md.
+    SpikeLab {
+        /// default (a few minutes), smoke (< 60 s), full (4x128, 5 seeds),
+        /// scale (three model sizes).
+        #[arg(long, value_enum, default_value_t = LabPreset::Default)]
+        preset: LabPreset,
+        /// Output folder (default runs/spike-lab-<preset>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seeds per arm (default: the preset's).
+        #[arg(long)]
+        seeds: Option<usize>,
+        /// Steps per run (default: the preset's).
+        #[arg(long)]
+        steps: Option<u64>,
+        /// A UTF-8 text file to train on (default: Tiny Shakespeare).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Comma-separated arms (adamw, adamw+clip1, adamw+update-clip,
+        /// adamw+zclip, adamw+guard, lamb, muon+adamw, shampoo).
+        #[arg(long, value_delimiter = ',')]
+        arms: Option<Vec<String>>,
+        /// A TOML file of spike-inducing settings replacing the preset's
+        /// (fields of keel::gpt::train::Stress).
+        #[arg(long)]
+        stress: Option<PathBuf>,
+        /// The stress's lr multiplier.
+        #[arg(long)]
+        lr_mult: Option<f64>,
+    },
+    /// Train one GPT from flags or a TOML config, with checkpoints.
+    Train(TrainArgs),
+    /// Print text sampled from a checkpoint written by `keel train`.
+    Sample {
+        /// The checkpoint folder.
+        checkpoint: PathBuf,
+        /// Characters to generate.
+        #[arg(long, default_value_t = 300)]
+        chars: usize,
+        /// Softmax temperature (0: greedy).
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sampling seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Text to continue (characters must be in the vocabulary).
+        #[arg(long, default_value = "\n")]
+        prompt: String,
+    },
     /// Replay reference cases (files, or directories of *.json) on every
     /// backend and precision; exits non-zero if any case fails.
     Conformance {
@@ -114,6 +168,81 @@ struct GptBenchArgs {
     json: bool,
 }
 
+/// `keel train` options; flags override the TOML config's fields.
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// A TOML file holding a full TrainConfig (see docs/spike-lab.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Peak learning rate of the (first) optimizer.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Optimizer kind for every tensor (adamw, lamb, shampoo, ...) at the
+    /// same lr; `muon` means Muon on hidden matrices and AdamW on the rest.
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// Sequences per micro-batch.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Micro-batches per step.
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Blocks.
+    #[arg(long)]
+    n_layer: Option<usize>,
+    /// Width.
+    #[arg(long)]
+    n_embd: Option<usize>,
+    /// Context length.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Warmup steps.
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Global-norm gradient clipping.
+    #[arg(long)]
+    clip: Option<f64>,
+    /// Seed of init and batches.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// EMA decay of the parameters used for validation.
+    #[arg(long)]
+    ema: Option<f64>,
+    /// Layer-wise lr decay (1 = off).
+    #[arg(long)]
+    layer_lr_decay: Option<f64>,
+    /// Validate every this many steps.
+    #[arg(long)]
+    eval_every: Option<u64>,
+    /// A UTF-8 text file (default: Tiny Shakespeare).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Output folder: metrics.jsonl and the checkpoint/ folder.
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Save a checkpoint every this many steps (and at the end).
+    #[arg(long, default_value_t = 0)]
+    checkpoint_every: u64,
+    /// Continue from <out>/checkpoint (flags other than --steps are ignored).
+    #[arg(long)]
+    resume: bool,
+    /// A TOML file of spike-inducing settings applied on top of the config
+    /// (the fields of keel::gpt::train::Stress, as in `spike-lab --stress`).
+    #[arg(long)]
+    stress: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LabPreset {
+    Default,
+    Smoke,
+    Full,
+    Scale,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Model {
     /// 6 layers, 384 wide, vocabulary 65, context 256 (10.8M parameters).
@@ -147,6 +276,78 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
     match cli.command {
         Command::Conformance { paths } => conformance_command(&paths),
         Command::BenchGpt(args) => bench_gpt_command(args),
+        Command::SpikeLab {
+            preset,
+            out,
+            seeds,
+            steps,
+            data,
+            arms,
+            stress,
+            lr_mult,
+        } => {
+            let arms = arms
+                .map(|a| {
+                    a.iter()
+                        .map(|s| s.parse::<lab::Arm>())
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
+            let stress = stress.map(|p| Stress::from_toml_file(&p)).transpose()?;
+            let preset = match preset {
+                LabPreset::Default => Preset::Default,
+                LabPreset::Smoke => Preset::Smoke,
+                LabPreset::Full => Preset::Full,
+                LabPreset::Scale => Preset::Scale,
+            };
+            let r = lab::run_lab(&LabOptions {
+                preset,
+                out,
+                seeds,
+                steps,
+                data,
+                arms,
+                stress,
+                lr_mult,
+                progress: true,
+            })?;
+            println!("{}", r.table);
+            println!("report: {}", r.report.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train(args) => train_command(args),
+        Command::Sample {
+            checkpoint,
+            chars,
+            temperature,
+            seed,
+            prompt,
+        } => {
+            let ckpt = ModelCheckpoint::read(&checkpoint)?;
+            let mut model = keel::gpt::Gpt::<f32>::new(ckpt.config.model.clone())?;
+            let params = ckpt.tensors(model.param_specs(), "")?;
+            let vocab: Vec<char> = ckpt.vocab.chars().collect();
+            let prompt = prompt.replace("\\n", "\n");
+            let ids: Vec<u32> = prompt
+                .chars()
+                .map(|c| {
+                    vocab
+                        .iter()
+                        .position(|&v| v == c)
+                        .map(|i| i as u32)
+                        .ok_or_else(|| {
+                            KeelError::config(
+                                "--prompt",
+                                format!("character {c:?} is not in the vocabulary"),
+                            )
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            let out = train::sample(&mut model, &params, &ids, chars, temperature, seed)?;
+            let text: String = out.iter().map(|&i| vocab[i as usize]).collect();
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Bench {
             optimizer,
             config,
@@ -252,6 +453,111 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
+    let ckpt_dir = a.out.join("checkpoint");
+    let mut config = match &a.config {
+        Some(path) => TrainConfig::from_toml_file(path)?,
+        None => TrainConfig::new(GptConfig::new(65, 64, 2, 4, 64), 1000),
+    };
+    if let Some(n) = a.n_layer {
+        config.model.n_layer = n;
+    }
+    if let Some(c) = a.n_embd {
+        config.model.n_embd = c;
+    }
+    if let Some(t) = a.seq_len {
+        config.model.block_size = t;
+    }
+    config.steps = a.steps.unwrap_or(config.steps);
+    if let Some(kind) = &a.optimizer {
+        let lr = config.optimizer.lr();
+        if kind == "muon" {
+            config.matrix_optimizer = Some(OptimizerConfig::from_json(&format!(
+                r#"{{"kind": "muon", "lr": {lr}, "adjust_lr": "match_rms_adamw"}}"#
+            ))?);
+        } else {
+            config.optimizer =
+                OptimizerConfig::from_json(&format!(r#"{{"kind": "{kind}", "lr": {lr}}}"#))
+                    .map_err(|e| KeelError::config("--optimizer", e.to_string()))?;
+        }
+    }
+    if let Some(lr) = a.lr {
+        config
+            .optimizer
+            .set_lr(lr)
+            .map_err(|e| KeelError::config("--lr", e.to_string()))?;
+        if let Some(m) = config.matrix_optimizer.as_mut() {
+            m.set_lr(lr)
+                .map_err(|e| KeelError::config("--lr", e.to_string()))?;
+        }
+    }
+    config.batch = a.batch.unwrap_or(config.batch);
+    config.grad_accum = a.grad_accum.unwrap_or(config.grad_accum);
+    config.warmup_steps = a.warmup.unwrap_or(config.warmup_steps);
+    config.seed = a.seed.unwrap_or(config.seed);
+    config.layer_lr_decay = a.layer_lr_decay.unwrap_or(config.layer_lr_decay);
+    config.eval_every = a.eval_every.unwrap_or(config.eval_every);
+    if a.clip.is_some() {
+        config.optimizer.clip_global_norm = a.clip;
+    }
+    if a.ema.is_some() {
+        config.ema_decay = a.ema;
+    }
+    if let Some(path) = &a.stress {
+        Stress::from_toml_file(path)?.apply(&mut config)?;
+    }
+    let data = match &a.data {
+        Some(path) => Dataset::from_file(path, config.model.block_size)?,
+        None => Dataset::tiny_shakespeare(config.model.block_size)?,
+    };
+    std::fs::create_dir_all(&a.out)
+        .map_err(|e| KeelError::config("--out", format!("{}: {e}", a.out.display())))?;
+    let mut trainer = if a.resume {
+        let mut t = Trainer::load(&ckpt_dir, &data)?;
+        if let Some(s) = a.steps {
+            t.set_steps(s)?;
+        }
+        t
+    } else {
+        Trainer::new(config, &data)?
+    };
+    let total = trainer.config().steps;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_position(trainer.step());
+    let metrics = a.out.join("metrics.jsonl");
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(a.resume)
+        .write(true)
+        .truncate(!a.resume)
+        .open(&metrics)
+        .map_err(|e| KeelError::config("--out", format!("{}: {e}", metrics.display())))?;
+    while trainer.step() < total {
+        let rec = trainer.train_step(&data)?;
+        use std::io::Write;
+        let line = serde_json::to_string(&rec).map_err(|e| KeelError::State(e.to_string()))?;
+        writeln!(log, "{line}")
+            .map_err(|e| KeelError::config("--out", format!("{}: {e}", metrics.display())))?;
+        bar.inc(1);
+        bar.set_message(format!("loss {:.3}", rec.loss));
+        if let Some(v) = rec.val_loss {
+            bar.println(format!("step {} val loss {v:.4}", rec.step + 1));
+        }
+        if a.checkpoint_every > 0 && trainer.step() % a.checkpoint_every == 0 {
+            trainer.save(&ckpt_dir, &data)?;
+        }
+    }
+    bar.finish_and_clear();
+    trainer.save(&ckpt_dir, &data)?;
+    let val = trainer.evaluate(&data)?;
+    println!(
+        "{} steps, final val loss {val:.4}; checkpoint {}",
+        trainer.step(),
+        ckpt_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {

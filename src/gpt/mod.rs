@@ -32,8 +32,11 @@ pub mod config;
 pub mod data;
 pub mod golden;
 mod kernels;
+pub mod lab;
 pub mod model;
+pub mod plot;
 pub mod rng;
+pub mod train;
 
 pub use config::{GptConfig, Norm};
 pub use model::{Gpt, GptStats};

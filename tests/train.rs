@@ -1,0 +1,135 @@
+//! The reference trainer and the spike lab, end to end (fast settings).
+
+use keel::gpt::data::Dataset;
+use keel::gpt::lab::{run_lab, Arm, LabOptions, Preset};
+use keel::gpt::train::{TrainConfig, Trainer};
+use keel::gpt::GptConfig;
+use keel::OptimizerConfig;
+
+#[test]
+fn short_training_run_validation_loss_falls_below_2_5() {
+    let data = Dataset::tiny_shakespeare(32).unwrap();
+    let mut c = TrainConfig::new(GptConfig::new(65, 32, 2, 4, 64), 400);
+    c.batch = 16;
+    c.optimizer.set_lr(3e-3).unwrap();
+    c.eval_batches = 8;
+    let mut t = Trainer::new(c, &data).unwrap();
+    let s = t.run(&data, None, |_| {}).unwrap();
+    assert!(!s.non_finite);
+    assert!(
+        s.final_val_loss < 2.5,
+        "final val loss {}",
+        s.final_val_loss
+    );
+}
+
+/// A config touching every piece of state a resume must restore: two
+/// optimizers (Muon + AdamW), layer-wise lr decay, an EMA, accumulation.
+fn resume_config(steps: u64) -> TrainConfig {
+    let mut c = TrainConfig::new(GptConfig::new(65, 16, 2, 2, 32), steps);
+    c.batch = 4;
+    c.warmup_steps = 4;
+    c.grad_accum = 2;
+    c.ema_decay = Some(0.9);
+    c.layer_lr_decay = 0.8;
+    c.matrix_optimizer = Some(
+        OptimizerConfig::from_json(
+            r#"{"kind": "muon", "lr": 0.003, "adjust_lr": "match_rms_adamw"}"#,
+        )
+        .unwrap(),
+    );
+    c
+}
+
+#[test]
+fn resume_continues_bit_exactly() {
+    let data = Dataset::tiny_shakespeare(16).unwrap();
+    let mut straight = Trainer::new(resume_config(12), &data).unwrap();
+    straight.run(&data, None, |_| {}).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Trainer::new(resume_config(12), &data).unwrap();
+    for _ in 0..6 {
+        first.train_step(&data).unwrap();
+    }
+    first.save(dir.path(), &data).unwrap();
+    drop(first);
+    let mut resumed = Trainer::load(dir.path(), &data).unwrap();
+    assert_eq!(resumed.step(), 6);
+    resumed.run(&data, None, |_| {}).unwrap();
+
+    for (a, b) in straight.params().iter().zip(resumed.params()) {
+        let (a, b): (Vec<u32>, Vec<u32>) = (
+            a.iter().map(|x| x.to_bits()).collect(),
+            b.iter().map(|x| x.to_bits()).collect(),
+        );
+        assert_eq!(a, b);
+    }
+    assert_eq!(
+        straight.evaluate(&data).unwrap().to_bits(),
+        resumed.evaluate(&data).unwrap().to_bits()
+    );
+}
+
+#[test]
+fn spike_lab_smoke_writes_report_plots_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lab");
+    let r = run_lab(&LabOptions {
+        preset: Preset::Smoke,
+        out: Some(out.clone()),
+        ..LabOptions::default()
+    })
+    .unwrap();
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for arm in Arm::ALL {
+        assert!(report.contains(arm.name()), "{} missing", arm.name());
+        let metrics = out
+            .join(format!("{}-seed0", arm.name().replace('+', "_")))
+            .join("metrics.jsonl");
+        let text = std::fs::read_to_string(&metrics).unwrap();
+        let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        for key in [
+            "loss",
+            "grad_norm",
+            "update_ratio",
+            "grad_cos",
+            "max_attn_logit",
+        ] {
+            assert!(first.get(key).is_some(), "{key} missing in {metrics:?}");
+        }
+    }
+    assert!(report.contains("plain AdamW"));
+    for f in ["loss_curves.svg", "loss_curves.png"] {
+        assert!(std::fs::metadata(out.join(f)).unwrap().len() > 0, "{f}");
+    }
+    assert_eq!(r.rows.len(), Arm::ALL.len());
+}
+
+#[test]
+fn bad_inputs_are_errors_naming_the_problem() {
+    let missing = std::path::Path::new("/nonexistent/keel-data.txt");
+    let e = run_lab(&LabOptions {
+        preset: Preset::Smoke,
+        data: Some(missing.into()),
+        out: Some(tempfile::tempdir().unwrap().path().join("x")),
+        ..LabOptions::default()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("keel-data.txt"), "{e}");
+    let e = run_lab(&LabOptions {
+        seeds: Some(0),
+        ..LabOptions::default()
+    })
+    .unwrap_err();
+    assert!(e.to_string().contains("--seeds"), "{e}");
+    let short = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(short.path(), "abc").unwrap();
+    assert!(Dataset::from_file(short.path(), 16).is_err());
+    let mut c = TrainConfig::new(GptConfig::new(65, 16, 1, 1, 8), 10);
+    c.batch = 0;
+    let e = Trainer::new(c, &Dataset::tiny_shakespeare(16).unwrap())
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("batch"), "{e}");
+}
