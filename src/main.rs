@@ -325,7 +325,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
         } => {
             let ckpt = ModelCheckpoint::read(&checkpoint)?;
             let mut model = keel::gpt::Gpt::<f32>::new(ckpt.config.model.clone())?;
-            let params = ckpt.tensors(model.param_specs(), "")?;
+            let params = ckpt.tensors(&model.param_specs(), "")?;
             let vocab: Vec<char> = ckpt.vocab.chars().collect();
             let prompt = prompt.replace("\\n", "\n");
             let ids: Vec<u32> = prompt

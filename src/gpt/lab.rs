@@ -18,7 +18,8 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    AdjustLr, Grafting, LambConfig, MuonConfig, OptimizerConfig, OptimizerKind, ShampooConfig,
+    AdjustLr, Grafting, LambConfig, MuonConfig, OptimizerConfig, OptimizerKind, RootDtype,
+    ShampooConfig,
 };
 use crate::error::{KeelError, Result};
 use crate::guard::{
@@ -178,6 +179,7 @@ impl Arm {
                         beta2: adamw.beta2,
                         eps: adamw.eps,
                     },
+                    root_dtype: RootDtype::F64,
                 }))
             }
         }

@@ -1008,11 +1008,11 @@ impl Trainer {
             ));
         }
         let mut trainer = Trainer::new(ckpt.config.clone(), data)?;
-        trainer.params = ckpt.tensors(trainer.model.param_specs(), "")?;
+        trainer.params = ckpt.tensors(&trainer.model.param_specs(), "")?;
         if trainer.ema.is_some() {
-            trainer.ema = Some(ckpt.tensors(trainer.model.param_specs(), "ema.")?);
+            trainer.ema = Some(ckpt.tensors(&trainer.model.param_specs(), "ema.")?);
         }
-        trainer.prev_grads = ckpt.tensors(trainer.model.param_specs(), "prev_grad.")?;
+        trainer.prev_grads = ckpt.tensors(&trainer.model.param_specs(), "prev_grad.")?;
         for (k, part) in trainer.parts.iter_mut().enumerate() {
             part.opt
                 .load_state(&dir.join(format!("optimizer{k}.safetensors")))?;
