@@ -650,10 +650,24 @@ fn verdict(row: &ArmRow, base: &ArmRow) -> (&'static str, String) {
             "n/a".into()
         }
     };
+    // The deciding reason first, so a reader sees why without applying the rule.
+    let reason = if row.diverged != base.diverged {
+        "diverged seeds decide"
+    } else if row.spikes != base.spikes {
+        "spike events decide"
+    } else if better_val || worse_val {
+        "as many spike events; final val loss decides"
+    } else {
+        "as many spike events, val loss within 0.02"
+    };
+    let recovery = match (row.median_recovery, base.median_recovery) {
+        (Some(a), Some(b)) => format!(", median recovery {a:.0} vs {b:.0} steps"),
+        _ => String::new(),
+    };
     (
         verdict,
         format!(
-            "{} spike events vs {}, {}/{} diverged vs {}/{}, final val loss {} vs {}",
+            "({reason}) {} spike events vs {}, {}/{} diverged vs {}/{}, final val loss {} vs {}{recovery}",
             row.spikes,
             base.spikes,
             row.diverged,
