@@ -4,14 +4,19 @@
 //! count). Gradients are computed outside the timed region.
 //!
 //! Run: `cargo bench --features candle,burn --bench adapters [-- ROUNDS [PARAMS]]`
+//! (`--features candle` alone times the candle rows only).
 
 use std::time::{Duration, Instant};
 
+#[cfg(feature = "burn")]
 use burn::module::{Module, Param};
+#[cfg(feature = "burn")]
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+#[cfg(feature = "burn")]
 use burn::tensor::{Device as BurnDevice, Tensor as BurnTensor, TensorData};
 use candle_core::{Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer as _, ParamsAdamW};
+#[cfg(feature = "burn")]
 use keel::adapters::burn::KeelBurn;
 use keel::adapters::candle::KeelCandle;
 use keel::{CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec};
@@ -29,11 +34,13 @@ fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+#[cfg(feature = "burn")]
 #[derive(Module, Debug)]
 struct One {
     w: Param<BurnTensor<1>>,
 }
 
+#[cfg(feature = "burn")]
 /// A burn module with one parameter and its gradient (`g`, via a trivial loss).
 fn burn_setup(n: usize) -> (One, GradientsParams) {
     let device = BurnDevice::default().autodiff();
@@ -45,11 +52,13 @@ fn burn_setup(n: usize) -> (One, GradientsParams) {
     (model, grads)
 }
 
+#[cfg(feature = "burn")]
 fn burn_grads(model: &One, g: &BurnTensor<1>) -> GradientsParams {
     let loss = (model.w.val() * g.clone()).sum();
     GradientsParams::from_grads(loss.backward(), model)
 }
 
+#[cfg(feature = "burn")]
 fn burn_step(optim: &mut ModuleOptimizer, model: One, g: &BurnTensor<1>) -> (One, Duration) {
     let grads = burn_grads(&model, g);
     let t = Instant::now();
@@ -94,16 +103,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut keel_candle = KeelCandle::new(vec![var_keel.clone()], config.clone())?;
 
     // burn: the same module twice.
+    #[cfg(feature = "burn")]
     let (mut burn_model, _) = burn_setup(n);
+    #[cfg(feature = "burn")]
     let (mut keel_model, _) = burn_setup(n);
+    #[cfg(feature = "burn")]
     let g_burn = BurnTensor::<1>::from_data(
         TensorData::new(values(n, 2, 0.02), [n]),
         &BurnDevice::default().autodiff(),
     );
+    #[cfg(feature = "burn")]
     let mut burn_adamw = AdamWConfig::new()
         .with_weight_decay(0.01)
         .with_epsilon(1e-8)
         .init();
+    #[cfg(feature = "burn")]
     let mut keel_burn = KeelBurn::new(config)?.init();
 
     let mut times: [Vec<Duration>; 5] = Default::default();
@@ -120,10 +134,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         keel_candle.step(&grads_keel)?;
         let d2 = t.elapsed();
 
-        let (m, d3) = burn_step(&mut burn_adamw, burn_model, &g_burn);
-        burn_model = m;
-        let (m, d4) = burn_step(&mut keel_burn, keel_model, &g_burn);
-        keel_model = m;
+        #[cfg(feature = "burn")]
+        let (d3, d4) = {
+            let (m, d3) = burn_step(&mut burn_adamw, burn_model, &g_burn);
+            burn_model = m;
+            let (m, d4) = burn_step(&mut keel_burn, keel_model, &g_burn);
+            keel_model = m;
+            (d3, d4)
+        };
+        #[cfg(not(feature = "burn"))]
+        let (d3, d4) = (Duration::ZERO, Duration::ZERO);
         // Round 0 warms caches and allocators.
         if round > 0 {
             for (v, d) in times.iter_mut().zip([d0, d1, d2, d3, d4]) {
