@@ -159,10 +159,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  keel inside candle (KeelCandle) {kc:9.2} ms   {:.1}x faster than candle-nn",
         nn / kc
     );
-    println!("  burn AdamW (ndarray)            {ba:9.2} ms");
-    println!(
-        "  keel inside burn (KeelBurn)     {kb:9.2} ms   {:.1}x faster than burn",
-        ba / kb
-    );
+    if cfg!(feature = "burn") {
+        println!("  burn AdamW (ndarray)            {ba:9.2} ms");
+        println!(
+            "  keel inside burn (KeelBurn)     {kb:9.2} ms   {:.1}x faster than burn",
+            ba / kb
+        );
+    }
     Ok(())
 }
