@@ -32,6 +32,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(any(feature = "candle", feature = "burn"))]
+pub mod adapters;
 pub mod backend;
 pub mod bench;
 pub mod checkpoint;
