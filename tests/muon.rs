@@ -72,10 +72,16 @@ proptest! {
         let scale = literal.norm_l2().max(1e-300);
         prop_assert!((&literal - &spectral).norm_l2() <= 1e-10 * scale, "{rows}x{cols}");
 
-        let mut x32 = Mat::<f32>::from_fn(rows, cols, |i, j| x[(i, j)] as f32);
-        newton_schulz_spectral(&mut x32, 5, NS, 1e-7, Par::Seq);
-        let err = Mat::<f64>::from_fn(rows, cols, |i, j| x32[(i, j)] as f64 - literal[(i, j)]).norm_l2();
-        prop_assert!(err <= 1e-4 * scale, "f32 {err} for {rows}x{cols}");
+        // In f32 both evaluations inherit the polynomial's steep slope near
+        // zero (tiny singular values of near-singular inputs): compare the
+        // spectral error with the literal f32 iteration's own error.
+        let x32 = Mat::<f32>::from_fn(rows, cols, |i, j| x[(i, j)] as f32);
+        let err_of = |y: &Mat<f32>| Mat::<f64>::from_fn(rows, cols, |i, j| y[(i, j)] as f64 - literal[(i, j)]).norm_l2();
+        let (mut spectral32, mut literal32) = (x32.clone(), x32);
+        newton_schulz_spectral(&mut spectral32, 5, NS, 1e-7, Par::Seq);
+        newton_schulz(&mut literal32, 5, NS, 1e-7, Par::Seq);
+        let (err, err_literal) = (err_of(&spectral32), err_of(&literal32));
+        prop_assert!(err <= (1e-4 * scale).max(4.0 * err_literal), "f32 {err} vs literal {err_literal} for {rows}x{cols}");
     }
 }
 
