@@ -130,18 +130,25 @@ fn ln_row<T: Real>(out: &mut [T], x: &[T], w: &[T], b: &[T]) -> (T, T) {
 /// `dx = rstd (g - mean(g) - xhat mean(g xhat))`.
 #[inline]
 fn ln_row_backward_in_place<T: Real>(d: &mut [T], x: &[T], mean: T, rstd: T, w: &[T]) {
-    let inv_n = c::<T>(1.0 / x.len() as f64);
-    let (mut sg, mut sgx) = (T::zero(), T::zero());
-    for ((&dv, &xv), &wv) in d.iter().zip(x).zip(w) {
-        let g = dv * wv;
-        sg += g;
-        sgx += g * (xv - mean) * rstd;
-    }
-    let (mg, mgx) = (sg * inv_n, sgx * inv_n);
+    let (mg, mgx) = ln_row_grad_means(d, x, mean, rstd, w);
     for ((dv, &xv), &wv) in d.iter_mut().zip(x).zip(w) {
         let xhat = (xv - mean) * rstd;
         *dv = rstd * (*dv * wv - mg - xhat * mgx);
     }
+}
+
+/// `(mean(g), mean(g xhat))` with `g = dout w`: the two row means of the
+/// LayerNorm backward.
+#[inline]
+fn ln_row_grad_means<T: Real>(dout: &[T], x: &[T], mean: T, rstd: T, w: &[T]) -> (T, T) {
+    let inv_n = c::<T>(1.0 / x.len() as f64);
+    let (mut sg, mut sgx) = (T::zero(), T::zero());
+    for ((&dv, &xv), &wv) in dout.iter().zip(x).zip(w) {
+        let g = dv * wv;
+        sg += g;
+        sgx += g * (xv - mean) * rstd;
+    }
+    (sg * inv_n, sgx * inv_n)
 }
 
 /// LayerNorm backward of one row into `dx` (`+=` when `add`).
@@ -155,14 +162,7 @@ fn ln_row_backward<T: Real>(
     w: &[T],
     add: bool,
 ) {
-    let inv_n = c::<T>(1.0 / x.len() as f64);
-    let (mut sg, mut sgx) = (T::zero(), T::zero());
-    for ((&dv, &xv), &wv) in dout.iter().zip(x).zip(w) {
-        let g = dv * wv;
-        sg += g;
-        sgx += g * (xv - mean) * rstd;
-    }
-    let (mg, mgx) = (sg * inv_n, sgx * inv_n);
+    let (mg, mgx) = ln_row_grad_means(dout, x, mean, rstd, w);
     for (((o, &dv), &xv), &wv) in dx.iter_mut().zip(dout).zip(x).zip(w) {
         let v = rstd * (dv * wv - mg - (xv - mean) * rstd * mgx);
         *o = if add { *o + v } else { v };

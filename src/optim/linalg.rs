@@ -37,6 +37,18 @@ pub(crate) fn push_identity<T: Real>(out: &mut Vec<T>, n: usize) {
     }));
 }
 
+/// The state of a matrix optimizer's parameter of `numel` elements: two
+/// moment buffers, zero factors and the given identity matrices (roots or
+/// bases), the factors laid out like them.
+pub(crate) fn matrix_state<T: Real>(numel: usize, identities: Vec<T>) -> Vec<Vec<T>> {
+    vec![
+        vec![T::zero(); numel],
+        vec![T::zero(); numel],
+        vec![T::zero(); identities.len()],
+        identities,
+    ]
+}
+
 /// The mode-`j` geometry of a row-major tensor with `dims`: `(outer, n, inner)`.
 pub(crate) fn around(dims: &[usize], j: usize) -> (usize, usize, usize) {
     (

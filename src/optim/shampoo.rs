@@ -147,12 +147,7 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], max_dim: usize) -> Vec<Vec
             linalg::push_identity(&mut roots, n);
         }
     }
-    vec![
-        vec![T::zero(); numel],
-        vec![T::zero(); numel],
-        vec![T::zero(); roots.len()],
-        roots,
-    ]
+    linalg::matrix_state(numel, roots)
 }
 
 /// What one tensor's step reports besides its norms.

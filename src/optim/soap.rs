@@ -110,12 +110,7 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], c: &SoapConfig) -> Vec<Vec
             linalg::push_identity(&mut bases, n);
         }
     }
-    vec![
-        vec![T::zero(); numel],
-        vec![T::zero(); numel],
-        vec![T::zero(); bases.len()],
-        bases,
-    ]
+    linalg::matrix_state(numel, bases)
 }
 
 /// Which way [`rotate`] turns a matrix.
