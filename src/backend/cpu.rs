@@ -386,6 +386,27 @@ impl<T: Real> CpuOptimizer<T> {
                     }
                 };
             }
+            // Shampoo's factors first, then every due inverse root of every
+            // tensor in one longest-first queue (the eigendecompositions are
+            // most of a recomputing step, and balancing them across tensors
+            // keeps both cores busy to the end), then the preconditioned
+            // updates below.
+            let mut root_failures = 0;
+            if let OptimizerKind::Shampoo(c) = &kind {
+                with_prep!(|pr| self
+                    .state
+                    .par_iter_mut()
+                    .zip(grads.par_iter())
+                    .zip(specs.par_iter())
+                    .for_each(|((st, g), spec)| shampoo::accumulate(c, pr, &spec.shape, g, st)));
+                let jobs = self
+                    .state
+                    .iter_mut()
+                    .zip(specs)
+                    .flat_map(|(st, spec)| shampoo::root_jobs(c, t, &spec.shape, st))
+                    .collect();
+                root_failures = shampoo::run_root_jobs(jobs);
+            }
             let (sums, failures) = whole_tensor_pass(
                 params,
                 grads,
@@ -403,11 +424,10 @@ impl<T: Real> CpuOptimizer<T> {
                                 0,
                             )
                         }
-                        OptimizerKind::Shampoo(c) => {
-                            let (sums, report) =
-                                with_prep!(|pr| shampoo::step(c, t, lw, pr, shape, p, g, st));
-                            (sums, report.root_failures)
-                        }
+                        OptimizerKind::Shampoo(c) => (
+                            with_prep!(|pr| shampoo::step(c, t, lw, pr, shape, p, g, st)),
+                            0,
+                        ),
                         OptimizerKind::Soap(c) => {
                             with_prep!(|pr| soap::step(c, t, lw, pr, shape, p, g, st, par))
                         }
@@ -415,7 +435,7 @@ impl<T: Real> CpuOptimizer<T> {
                     }
                 },
             );
-            preconditioner_failures = failures;
+            preconditioner_failures = failures + root_failures;
             sums
         } else {
             let mut chunks = make_chunks(params, grads, &mut self.state, out);

@@ -17,7 +17,7 @@
 //! LLM shapes. The matrix products go through faer.
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, Par};
+use faer::{Accum, Mat, MatMut, MatRef, Par};
 
 use super::linalg;
 use crate::backend::reduce::Sums;
@@ -102,17 +102,32 @@ pub fn newton_schulz_spectral<T: Real>(
     eps: f64,
     par: Par,
 ) {
-    let (r, n) = (x.nrows(), x.ncols());
-    let inv = T::from_f64x(1.0 / x.norm_l2().to_f64x().max(eps));
-    let normalized = Mat::<T>::from_fn(r, n, |i, j| x[(i, j)] * inv);
+    let input = x.clone();
+    newton_schulz_spectral_into(input.as_ref(), x.as_mut(), steps, coeffs, eps, par);
+}
+
+/// [`newton_schulz_spectral`] of `x` (rows <= cols) written into `out`
+/// (same shape), `x` left as it is. Either may be a transposed view, so a
+/// row-major tensor is orthogonalized where it lies, without copies. The
+/// normalization rides on the products' scale factors instead of a scaled
+/// copy of `x`.
+pub(crate) fn newton_schulz_spectral_into<T: Real>(
+    x: MatRef<'_, T>,
+    out: MatMut<'_, T>,
+    steps: u32,
+    coeffs: [f64; 3],
+    eps: f64,
+    par: Par,
+) {
+    let r = x.nrows();
+    let inv = 1.0 / x.norm_l2().to_f64x().max(eps);
     let mut gram = Mat::<T>::zeros(r, r);
-    let x_ref = normalized.as_ref();
     linalg::matmul_lower(
         gram.as_mut(),
         Accum::Replace,
-        x_ref,
-        x_ref.transpose(),
-        T::one(),
+        x,
+        x.transpose(),
+        T::from_f64x(inv * inv),
         par,
     );
     let [ca, cb, cc] = coeffs;
@@ -129,17 +144,15 @@ pub fn newton_schulz_spectral<T: Real>(
     let mut poly = vec![T::zero(); r * r];
     let spectral = linalg::sym_eigen(gram.as_ref())
         .is_some_and(|eig| linalg::spectral_apply(&eig, h, &mut poly));
-    if !spectral {
-        return newton_schulz(x, steps, coeffs, eps, par);
+    if spectral {
+        let poly = linalg::view(&poly, r, r);
+        matmul(out, Accum::Replace, poly, x, T::from_f64x(inv), par);
+    } else {
+        let mut literal = x.to_owned();
+        newton_schulz(&mut literal, steps, coeffs, eps, par);
+        let mut out = out;
+        out.copy_from(&literal);
     }
-    matmul(
-        x.as_mut(),
-        Accum::Replace,
-        linalg::view(&poly, r, r),
-        &normalized,
-        T::one(),
-        par,
-    );
 }
 
 /// One Muon step of a `[rows, cols]` row-major tensor: reads `p, g, b`,
@@ -157,43 +170,40 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
 ) -> Sums {
     let momentum = T::from_f64x(c.momentum);
     let keep = T::from_f64x(1.0 - c.momentum);
-    let transpose = rows > cols;
-    let mut x = if transpose {
-        Mat::<T>::zeros(cols, rows)
-    } else {
-        Mat::<T>::zeros(rows, cols)
-    };
-    for i in 0..rows {
-        for j in 0..cols {
-            let at = i * cols + j;
-            let g = prep.apply(g[at].get());
-            b[at] = b[at] + keep * (g - b[at]);
-            let u = if c.nesterov {
-                g + momentum * (b[at] - g)
-            } else {
-                b[at]
-            };
-            if transpose {
-                x[(j, i)] = u;
-            } else {
-                x[(i, j)] = u;
-            }
-        }
+    // The momentum update and the Nesterov blend, in the tensor's own
+    // row-major layout (one contiguous pass).
+    let mut u = vec![T::zero(); p.len()];
+    for ((u, b), g) in u.iter_mut().zip(b.iter_mut()).zip(g) {
+        let g = prep.apply(g.get());
+        *b = *b + keep * (g - *b);
+        *u = if c.nesterov {
+            g + momentum * (*b - g)
+        } else {
+            *b
+        };
     }
-    newton_schulz_spectral(&mut x, c.ns_steps, c.ns_coefficients, c.eps, par);
+    // Orthogonalize the wide orientation (rows <= cols) through views: a
+    // tall tensor is read and written transposed, not copied.
+    let mut o = vec![T::zero(); p.len()];
+    let (x, out) = (
+        linalg::view(&u, rows, cols),
+        linalg::view_mut(&mut o, rows, cols),
+    );
+    let (x, out) = if rows > cols {
+        (x.transpose(), out.transpose_mut())
+    } else {
+        (x, out)
+    };
+    newton_schulz_spectral_into(x, out, c.ns_steps, c.ns_coefficients, c.eps, par);
     let step = T::from_f64x(lr * shape_scale(c.adjust_lr, rows, cols));
     let decay = T::from_f64x(1.0 - lr * wd);
     let mut sums = Sums::default();
-    for i in 0..rows {
-        for j in 0..cols {
-            let at = i * cols + j;
-            let o = if transpose { x[(j, i)] } else { x[(i, j)] };
-            let old = p[at];
-            let new = old * decay - step * o;
-            sums.param_sq += old.to_f64x() * old.to_f64x();
-            sums.update_sq += (new - old).to_f64x() * (new - old).to_f64x();
-            p[at] = new;
-        }
+    for (p, &o) in p.iter_mut().zip(&o) {
+        let old = *p;
+        let new = old * decay - step * o;
+        sums.param_sq += old.to_f64x() * old.to_f64x();
+        sums.update_sq += (new - old).to_f64x() * (new - old).to_f64x();
+        *p = new;
     }
     sums
 }

@@ -12,6 +12,9 @@
 //! State per tensor: `exp_avg` and `graft` (the tensor's size), `factors` and
 //! `roots` (every block's `n_j x n_j` matrices, concatenated in block order).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use faer::Mat;
 use rayon::prelude::*;
 
@@ -150,26 +153,163 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], max_dim: usize) -> Vec<Vec
     linalg::matrix_state(numel, roots)
 }
 
-/// What one tensor's step reports besides its norms.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct ShampooReport {
-    /// Eigendecompositions that failed or met a non-finite factor (the
-    /// previous root was kept).
-    pub root_failures: usize,
-}
-
 /// One block's new values, written back by [`step`].
 struct BlockOut<T> {
     param: Vec<T>,
     exp_avg: Vec<T>,
     graft: Vec<T>,
     sums: Sums,
-    root_failures: usize,
 }
 
-/// One Shampoo step of one tensor (`t` is the 1-based step). Reads and writes
-/// `p` and the four state slots. Blocks run in parallel (rayon); each block's
-/// matrix work is GEMMs in `T` and f64 eigendecompositions.
+/// Each block's share of a factor-length slot (factors or roots), in block
+/// order.
+fn per_block<'a, T>(blocks: &[Block], mut slot: &'a mut [T]) -> Vec<&'a mut [T]> {
+    let mut out = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        let (mine, rest) = slot.split_at_mut(b.factor_len());
+        out.push(mine);
+        slot = rest;
+    }
+    out
+}
+
+/// (E1) for one tensor: every block's factors decay by `beta2` and gain the
+/// mode Gram matrices of the block's (clipped) gradient, weighted by
+/// `1 - beta2` (or 1 when `beta2 == 1`). Blocks and their factors run in
+/// parallel. The first phase of a step: then [`root_jobs`] when the roots
+/// are due, then [`step`].
+pub(crate) fn accumulate<T: Real, G: GradElem<T>, P: GradTransform<T>>(
+    c: &ShampooConfig,
+    prep: &P,
+    shape: &[usize],
+    g: &[G],
+    state: &mut [Vec<T>],
+) {
+    let blocks = blocks(shape, c.max_preconditioner_dim);
+    let weight = T::from_f64x(if c.beta2 == 1.0 { 1.0 } else { 1.0 - c.beta2 });
+    let beta2 = T::from_f64x(c.beta2);
+    blocks
+        .par_iter()
+        .zip(per_block(&blocks, &mut state[FACTORS]).into_par_iter())
+        .for_each(|(block, l)| {
+            let gb = block.gather(g, |x| prep.apply(x.get()));
+            let dims = &block.dims;
+            let mut factors = Vec::with_capacity(dims.len());
+            let mut rest = l;
+            for &n in dims {
+                let (lj, r) = rest.split_at_mut(n * n);
+                factors.push(lj);
+                rest = r;
+            }
+            factors.par_iter_mut().enumerate().for_each(|(j, lj)| {
+                if c.beta2 != 1.0 {
+                    lj.iter_mut().for_each(|x| *x *= beta2);
+                }
+                linalg::mode_gram_add(lj, &gb, dims, j, weight);
+            });
+        });
+}
+
+/// One factor's inverse root to recompute (E2-E4): its spec, the factor and
+/// the root it replaces.
+pub(crate) struct RootJob<'a, T> {
+    spec: RootSpec,
+    in_factor_precision: bool,
+    factor: &'a [T],
+    root: &'a mut [T],
+}
+
+impl<T: Real> RootJob<'_, T> {
+    /// Recomputes the root; `false` when it failed and the old root stays.
+    fn run(self) -> bool {
+        let RootJob {
+            spec,
+            in_factor_precision,
+            factor,
+            root,
+        } = self;
+        (in_factor_precision && spec.compute::<T, T>(factor, root))
+            || spec.compute::<f64, T>(factor, root)
+    }
+}
+
+/// The inverse roots of one tensor due at step `t` (none unless
+/// `c.recomputes(t)`), after [`accumulate`] added step `t`'s gradient.
+pub(crate) fn root_jobs<'a, T: Real>(
+    c: &ShampooConfig,
+    t: u64,
+    shape: &[usize],
+    state: &'a mut [Vec<T>],
+) -> Vec<RootJob<'a, T>> {
+    if !c.recomputes(t) {
+        return Vec::new();
+    }
+    let bias2 = if c.use_bias_correction && c.beta2 < 1.0 {
+        1.0 - c.beta2.powf(t as f64)
+    } else {
+        1.0
+    };
+    let in_factor_precision =
+        c.root_dtype == RootDtype::Factor && std::mem::size_of::<T>() < std::mem::size_of::<f64>();
+    let blocks = blocks(shape, c.max_preconditioner_dim);
+    let (factors, roots) = state[FACTORS..].split_at_mut(ROOTS - FACTORS);
+    let (mut factors, mut roots) = (&factors[0][..], &mut roots[0][..]);
+    let mut jobs = Vec::new();
+    for block in &blocks {
+        let order = block.dims.len();
+        for &n in &block.dims {
+            let (factor, f_rest) = factors.split_at(n * n);
+            let (root, r_rest) = roots.split_at_mut(n * n);
+            jobs.push(RootJob {
+                spec: RootSpec {
+                    n,
+                    bias2,
+                    epsilon: c.epsilon,
+                    r: 2 * order,
+                },
+                in_factor_precision,
+                factor,
+                root,
+            });
+            (factors, roots) = (f_rest, r_rest);
+        }
+    }
+    jobs
+}
+
+/// Runs root jobs (of any number of tensors) on all of rayon's threads,
+/// largest first: each thread takes the next job when it finishes one, so
+/// the few big eigendecompositions start early and the small ones fill the
+/// gaps at the end (list scheduling, longest first). Returns the failures.
+pub(crate) fn run_root_jobs<T: Real>(mut jobs: Vec<RootJob<'_, T>>) -> usize {
+    jobs.sort_by_key(|job| std::cmp::Reverse(job.spec.n));
+    let queue = Mutex::new(jobs.into_iter());
+    let failures = AtomicUsize::new(0);
+    rayon::scope(|s| {
+        for _ in 0..rayon::current_num_threads() {
+            s.spawn(|_| loop {
+                let next = queue.lock().map(|mut q| q.next());
+                match next {
+                    Ok(Some(job)) => {
+                        if !job.run() {
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    // A poisoned queue means a job panicked; the scope
+                    // re-raises that panic.
+                    Ok(None) | Err(_) => break,
+                }
+            });
+        }
+    });
+    failures.into_inner()
+}
+
+/// (E3)-(E10) for one tensor (`t` is the 1-based step), after
+/// [`accumulate`] and any due [`root_jobs`]: graft accumulator, first
+/// moment, preconditioned and grafted direction, decoupled weight decay.
+/// Reads and writes `p` and the moment slots, reads the roots. Blocks run
+/// in parallel (rayon); their matrix work is GEMMs in `T`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     c: &ShampooConfig,
@@ -180,50 +320,36 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     p: &mut [T],
     g: &[G],
     state: &mut [Vec<T>],
-) -> (Sums, ShampooReport) {
+) -> Sums {
     let blocks = blocks(shape, c.max_preconditioner_dim);
-    // Each block owns a disjoint range of the factor and root slots.
     let (moments, matrices) = state.split_at_mut(FACTORS);
-    let (factors, roots) = matrices.split_at_mut(ROOTS - FACTORS);
-    let mut factor_chunks = Vec::with_capacity(blocks.len());
-    let mut root_chunks = Vec::with_capacity(blocks.len());
-    let (mut f_rest, mut r_rest) = (&mut factors[0][..], &mut roots[0][..]);
-    for b in &blocks {
-        let (f, fr) = f_rest.split_at_mut(b.factor_len());
-        let (r, rr) = r_rest.split_at_mut(b.factor_len());
-        factor_chunks.push(f);
-        root_chunks.push(r);
-        (f_rest, r_rest) = (fr, rr);
-    }
+    let root_chunks = per_block(&blocks, &mut matrices[ROOTS - FACTORS]);
     let (p_in, m_in, v_in) = (&*p, &moments[M][..], &moments[V][..]);
     let outs: Vec<BlockOut<T>> = blocks
         .par_iter()
-        .zip(factor_chunks.into_par_iter())
         .zip(root_chunks.into_par_iter())
-        .map(|((block, l), r)| {
+        .map(|(block, r)| {
             let gb = block.gather(g, |x| prep.apply(x.get()));
             let wb = block.gather(p_in, |x| x);
             let mb = block.gather(m_in, |x| x);
             let vb = block.gather(v_in, |x| x);
-            block_step(c, t, (lr, wd), block, &gb, wb, mb, vb, l, r)
+            block_step(c, t, (lr, wd), block, &gb, wb, mb, vb, r)
         })
         .collect();
     let mut sums = Sums::default();
-    let mut report = ShampooReport::default();
     for (block, out) in blocks.iter().zip(outs) {
         block.scatter(p, &out.param);
         block.scatter(&mut moments[M], &out.exp_avg);
         block.scatter(&mut moments[V], &out.graft);
         sums.param_sq += out.sums.param_sq;
         sums.update_sq += out.sums.update_sq;
-        report.root_failures += out.root_failures;
     }
-    (sums, report)
+    sums
 }
 
-/// SHAMPOO.md (E1)-(E10) for one block: `gb` is the (clipped) gradient, `wb`,
+/// SHAMPOO.md (E3)-(E10) for one block: `gb` is the (clipped) gradient, `wb`,
 /// `mb`, `vb` the block's parameters, first moment and graft accumulator;
-/// `l` and `r` its factors and roots (updated in place).
+/// `r` its inverse roots, one `n_j x n_j` matrix per dim.
 #[allow(clippy::too_many_arguments)]
 fn block_step<T: Real>(
     c: &ShampooConfig,
@@ -234,53 +360,17 @@ fn block_step<T: Real>(
     mut wb: Vec<T>,
     mut mb: Vec<T>,
     mut vb: Vec<T>,
-    l: &mut [T],
-    r: &mut [T],
+    r: &[T],
 ) -> BlockOut<T> {
-    let amortize = c.recomputes(t);
     let graft_only = t < c.start_step() && c.grafting != Grafting::None;
     let dims = &block.dims;
-
-    // (E1) factors, from the raw gradient; (E2)-(E4) their inverse roots when
-    // amortizing, each factor independent of the others.
-    let weight = T::from_f64x(if c.beta2 == 1.0 { 1.0 } else { 1.0 - c.beta2 });
-    let mut factor_of: Vec<(&mut [T], &mut [T])> = Vec::with_capacity(dims.len());
-    let (mut l_rest, mut r_rest) = (l, r);
+    let mut roots: Vec<&[T]> = Vec::with_capacity(dims.len());
+    let mut rest = r;
     for &n in dims {
-        let (lj, lr_) = l_rest.split_at_mut(n * n);
-        let (rj, rr) = r_rest.split_at_mut(n * n);
-        factor_of.push((lj, rj));
-        (l_rest, r_rest) = (lr_, rr);
+        let (rj, rr) = rest.split_at(n * n);
+        roots.push(rj);
+        rest = rr;
     }
-    let bias2 = if c.use_bias_correction && c.beta2 < 1.0 {
-        1.0 - c.beta2.powf(t as f64)
-    } else {
-        1.0
-    };
-    let root_failures: usize = factor_of
-        .par_iter_mut()
-        .enumerate()
-        .map(|(j, (lj, rj))| {
-            if c.beta2 != 1.0 {
-                let beta2 = T::from_f64x(c.beta2);
-                lj.iter_mut().for_each(|x| *x *= beta2);
-            }
-            linalg::mode_gram_add(lj, gb, dims, j, weight);
-            if !amortize {
-                return 0;
-            }
-            let root = RootSpec {
-                n: dims[j],
-                bias2,
-                epsilon: c.epsilon,
-                r: 2 * dims.len(),
-            };
-            let in_factor_precision = c.root_dtype == RootDtype::Factor
-                && std::mem::size_of::<T>() < std::mem::size_of::<f64>()
-                && root.compute::<T, T>(lj, rj);
-            usize::from(!(in_factor_precision || root.compute::<f64, T>(lj, rj)))
-        })
-        .sum();
 
     // (E3) graft accumulator, (E5) first moment.
     let one = T::one();
@@ -338,7 +428,7 @@ fn block_step<T: Real>(
         (graft, _) => {
             let mut d = g_hat;
             let mut scratch = vec![T::zero(); d.len()];
-            for (j, (_, rj)) in factor_of.iter().enumerate() {
+            for (j, rj) in roots.iter().enumerate() {
                 let n = dims[j];
                 linalg::mode_product(&mut scratch, &d, dims, j, linalg::view(rj, n, n));
                 std::mem::swap(&mut d, &mut scratch);
@@ -371,7 +461,6 @@ fn block_step<T: Real>(
         exp_avg: mb,
         graft: vb,
         sums,
-        root_failures,
     }
 }
 

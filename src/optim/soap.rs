@@ -217,9 +217,15 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
             true => (sides.rows, x, x.transpose()),
             false => (sides.cols, x.transpose(), x),
         };
-        let mut f = view_mut(f, n, n);
-        linalg::matmul_lower(f.as_mut(), Accum::Add, a, b, T::from_f64x(1.0 - sb), par);
-        linalg::mirror_lower(f);
+        linalg::matmul_lower(
+            view_mut(f, n, n),
+            Accum::Add,
+            a,
+            b,
+            T::from_f64x(1.0 - sb),
+            par,
+        );
+        linalg::mirror_lower(f, n);
     }
 
     // 2. Plain AdamW until the first basis exists.
