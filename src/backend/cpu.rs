@@ -961,11 +961,12 @@ pub(crate) fn read_state<T: Real>(
     Ok((group_of, state))
 }
 
-/// The step of a matrix optimizer (Muon, Shampoo): each tensor whole (its
-/// math needs the matrix), tensors in parallel; a lone tensor parallelizes
-/// its matrix products instead. `tensor_step(i, p, g, state, par)` updates
-/// tensor `i` and returns its sums and the inverse roots it failed to
-/// recompute; the bf16 copy (mixed precision) is written right after.
+/// The step of a matrix optimizer (Muon, Shampoo, SOAP): each tensor whole
+/// (its math needs the matrix), tensors in parallel; a lone tensor
+/// parallelizes its matrix products instead. `tensor_step(i, p, g, state,
+/// par)` updates tensor `i` and returns its sums and the eigendecompositions
+/// it failed to recompute (Shampoo's roots are computed before this pass);
+/// the bf16 copy (mixed precision) is written right after.
 fn whole_tensor_pass<T: Real, G: GradElem<T>>(
     params: &mut [&mut [T]],
     grads: &[&[G]],
