@@ -53,11 +53,15 @@ fn main() -> Result<(), keel::KeelError> {
         opt.set_lr(schedule.lr_at(step))?;
         let stats = opt.step(&mut [&mut w[..], &mut b[..]], &[&gw[..], &gb[..]])?;
         if step % 30 == 0 || step == 299 {
+            // The ratio is undefined while w is still all zeros (step 0).
+            let ratio = stats.tensors[0].update_ratio();
+            let ratio = match ratio.is_finite() {
+                true => format!("{ratio:.2e}"),
+                false => "-".to_string(),
+            };
             println!(
-                "step {step:3}  lr {:.4}  loss {loss:.6}  |g| {:.4}  |dw|/|w| {:.2e}",
-                stats.lr,
-                stats.global_grad_norm,
-                stats.tensors[0].update_ratio()
+                "step {step:3}  lr {:.4}  loss {loss:.6}  |g| {:.4}  |dw|/|w| {ratio}",
+                stats.lr, stats.global_grad_norm,
             );
         }
     }
