@@ -4,12 +4,15 @@
 # binaries scripts/gpu-build.sh put in .gpu/.
 #
 # 1. the kernel compile check (NVRTC + ptxas, zero spills) on this machine;
-# 2. the GPU tests (tests/cuda.rs): conformance on cuda-f32, 10M random
-#    elements against the CPU f32 path, bf16, NaN skip, state round trips;
+# 2. the GPU tests (tests/cuda.rs): conformance on cuda-f32 (Muon and Shampoo
+#    included), 10M random elements against the CPU f32 path, Muon and
+#    Shampoo against the f64 CPU path, bf16, NaN skip, state round trips;
 #    a "skipped: no CUDA device" here is a failure;
 # 3. benchmarks: device-to-device copy bandwidth; keel AdamW/LAMB/LARS/Lion
 #    at 1M, 100M and 1B parameters and on a 500-tensor mixed-size set, next
-#    to torch AdamW(fused=True) and AdamW(foreach=True);
+#    to torch AdamW(fused=True) and AdamW(foreach=True); Muon and Shampoo
+#    (frequency 1 and 10) on the gpt-small shapes, with AdamW on the same
+#    shapes (model.jsonl);
 # and writes everything under $OUT (default .gpu/out): gpu-report.md (the
 # table), the raw JSON lines and the test logs. Exits non-zero if a test failed.
 #
@@ -22,12 +25,13 @@ quick=${1:-}
 keel=.gpu/keel
 status=0
 
-# libnvrtc: the toolkit's, else torch's wheel's.
+# libnvrtc, libcublas, libcusolver (and its libcusparse, libnvJitLink): the
+# toolkit's, else torch's wheels'.
 for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
   [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
 done
-torch_nvrtc=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for p in glob.glob(os.path.join(list(nvidia.__path__)[0], "**/libnvrtc.so*"), recursive=True)})))' 2>/dev/null || true)
-[ -n "$torch_nvrtc" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$torch_nvrtc"
+torch_libs=$(python3 -c 'import glob, os, nvidia; print(":".join(sorted({os.path.dirname(p) for lib in ("nvrtc", "cublas", "cusolver", "cusparse", "nvJitLink") for p in glob.glob(os.path.join(list(nvidia.__path__)[0], "**/lib" + lib + ".so*"), recursive=True)})))' 2>/dev/null || true)
+[ -n "$torch_libs" ] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$torch_libs"
 export KEEL_PTXAS=${KEEL_PTXAS:-$(command -v ptxas || echo /usr/local/cuda/bin/ptxas)}
 export KEEL_CASE_DIR=.gpu/data/conformance
 
@@ -67,7 +71,18 @@ done
 python3 .gpu/torch_cuda_bench.py --params 100000000 --tensors 500 --mixed-sizes >> "$json" \
   2>> "$OUT/bench-errors.txt" || status=1
 
-python3 - "$json" > "$OUT/gpu-report.md" <<'PY'
+# Muon and Shampoo on the GPT's shapes (each with AdamW on the same shapes).
+model="$OUT/model.jsonl"
+: > "$model"
+$keel bench --device cuda --model gpt-small --optimizer muon --steps 10 --json \
+  >> "$model" 2>> "$OUT/bench-errors.txt" || status=1
+for f in 1 10; do
+  $keel bench --device cuda --model gpt-small --optimizer shampoo --steps 10 --json \
+    --config "{\"kind\": \"shampoo\", \"lr\": 0.001, \"precondition_frequency\": $f, \"grafting\": {\"kind\": \"adam\"}}" \
+    >> "$model" 2>> "$OUT/bench-errors.txt" || status=1
+done
+
+python3 - "$json" "$model" > "$OUT/gpu-report.md" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 dev = next((r["device"] for r in rows if "device" in r), "?")
@@ -81,6 +96,14 @@ for r in rows:
     ms = r["ms_per_step"]
     gbs = r.get("min_bytes_per_param", 28) * r["params"] / (ms * 1e-3) / 1e9
     print(f'| {r["params"]:,} | {r["tensors"]} | {name} | {ms:.3f} | {gbs:.0f} | {100 * gbs / bw:.0f}% |')
+model = [json.loads(l) for l in open(sys.argv[2]) if l.strip()]
+if model:
+    print("\nMatrix optimizers on the gpt-small shapes (amortized ms per step):\n")
+    print("| optimizer | precondition frequency | ms/step | AdamW ms/step | ratio |")
+    print("|---|---|---|---|---|")
+    for r in model:
+        print(f'| {r["optimizer"]} | {r["precondition_frequency"]} | {r["ms_per_step"]:.2f} | '
+              f'{r["adamw_ms_per_step"]:.3f} | {r["ratio_to_adamw"]:.1f}x |')
 PY
 if [ -s "$OUT/bench-errors.txt" ]; then
   { echo; echo "Errors:"; echo '```'; tail -20 "$OUT/bench-errors.txt"; echo '```'; } >> "$OUT/gpu-report.md"

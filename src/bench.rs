@@ -477,7 +477,9 @@ pub struct ModelBenchReport {
     pub params: usize,
     /// Tensors.
     pub tensors: usize,
-    /// rayon worker threads.
+    /// Where it ran: `cpu`, or `cuda:<device name>`.
+    pub device: String,
+    /// rayon worker threads (the CPU's; 0 on CUDA).
     pub threads: usize,
     /// Timed consecutive steps (a multiple of the precondition frequency).
     pub steps: usize,
@@ -505,14 +507,35 @@ pub fn is_hidden_matrix(spec: &ParamSpec) -> bool {
     spec.shape.len() == 2 && !spec.name.contains(".wte.") && !spec.name.contains(".wpe.")
 }
 
+/// One optimizer step over a whole model's tensors (parameters, gradients
+/// and optimizers owned by the closure).
+pub(crate) type ModelStepper = Box<dyn FnMut() -> Result<()>>;
+
+/// The optimizers of a model bench: each config with the indices of the
+/// tensors it updates.
+pub(crate) type ModelParts = Vec<(OptimizerConfig, Vec<usize>)>;
+
 /// Times `steps` consecutive optimizer steps (rounded up to a multiple of
 /// the precondition frequency) on `model`'s shapes with fixed pseudo-random
-/// gradients, after `warmup` steps and after preconditioning has started.
+/// gradients, after `warmup` steps and after preconditioning has started,
+/// on the CPU.
 pub fn run_model(
     config: &OptimizerConfig,
     model: BenchModel,
     steps: usize,
     warmup: usize,
+) -> Result<ModelBenchReport> {
+    run_model_on(config, model, steps, warmup, BenchDevice::Cpu)
+}
+
+/// [`run_model`] on `device` (CUDA needs feature `cuda` and a device; AdamW
+/// for the ratio runs on the same device).
+pub fn run_model_on(
+    config: &OptimizerConfig,
+    model: BenchModel,
+    steps: usize,
+    warmup: usize,
+    device: BenchDevice,
 ) -> Result<ModelBenchReport> {
     if steps == 0 {
         return Err(KeelError::config("bench.steps", "must be at least 1"));
@@ -529,7 +552,7 @@ pub fn run_model(
         OptimizerKind::Soap(c) => c.recomputes(t),
         _ => false,
     };
-    let mut params: Vec<Vec<f32>> = specs
+    let params: Vec<Vec<f32>> = specs
         .iter()
         .enumerate()
         .map(|(i, s)| fill(s.numel(), 2 * i as u64 + 1, 0.02))
@@ -540,7 +563,7 @@ pub fn run_model(
         .map(|(i, s)| fill(s.numel(), 2 * i as u64 + 2, 0.01))
         .collect();
     // Muon's usual setup: Muon for hidden matrices, AdamW for the rest.
-    let parts: Vec<(OptimizerConfig, Vec<usize>)> = match &config.kind {
+    let parts: ModelParts = match &config.kind {
         OptimizerKind::Muon(_) => {
             let (hidden, rest): (Vec<usize>, Vec<usize>) =
                 (0..specs.len()).partition(|&i| is_hidden_matrix(&specs[i]));
@@ -549,28 +572,22 @@ pub fn run_model(
         }
         _ => vec![(config.clone(), (0..specs.len()).collect())],
     };
-    let mut optimizers = parts
-        .iter()
-        .map(|(c, idx)| {
-            let s = idx.iter().map(|&i| specs[i].clone()).collect();
-            CpuOptimizer::<f32>::new(c.clone(), s)
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let mut step = |params: &mut [Vec<f32>]| -> Result<()> {
-        let mut slots: Vec<Option<&mut Vec<f32>>> = params.iter_mut().map(Some).collect();
-        for ((_, idx), opt) in parts.iter().zip(optimizers.iter_mut()) {
-            let mut p: Vec<&mut [f32]> = idx
-                .iter()
-                .map(|&i| &mut slots[i].take().expect("each tensor in one part")[..])
-                .collect();
-            let g: Vec<&[f32]> = idx.iter().map(|&i| &grads[i][..]).collect();
-            opt.step(&mut p, &g)?;
-        }
-        Ok(())
+    let cuda = match device {
+        BenchDevice::Cpu => false,
+        BenchDevice::Cuda => true,
+        BenchDevice::Auto => cuda_usable(),
+    };
+    let (mut step, device_name) = if cuda {
+        cuda_model_stepper(parts, &specs, params, grads)?
+    } else {
+        (
+            cpu_model_stepper(parts, &specs, params, grads)?,
+            "cpu".to_string(),
+        )
     };
     let mut t = 0u64;
     while (t as usize) < warmup || t + 1 < start {
-        step(&mut params)?;
+        step()?;
         t += 1;
     }
     let steps = steps.div_ceil(frequency as usize) * frequency as usize;
@@ -578,7 +595,9 @@ pub fn run_model(
     for _ in 0..steps {
         t += 1;
         let t0 = Instant::now();
-        step(&mut params)?;
+        // Every step reads its statistics back: on CUDA too it has finished
+        // when it returns.
+        step()?;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         total += ms;
         match recomputes(t) && frequency > 1 {
@@ -591,7 +610,7 @@ pub fn run_model(
         OptimizerKind::AdamW(_) => None,
         _ => {
             let adamw = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.001}"#)?;
-            Some(run_model(&adamw, model, steps.max(10), 2)?.ms_per_step)
+            Some(run_model_on(&adamw, model, steps.max(10), 2, device)?.ms_per_step)
         }
     };
     let ms_per_step = total / steps as f64;
@@ -600,7 +619,12 @@ pub fn run_model(
         model,
         params: specs.iter().map(ParamSpec::numel).sum(),
         tensors: specs.len(),
-        threads: rayon::current_num_threads(),
+        threads: if cuda {
+            0
+        } else {
+            rayon::current_num_threads()
+        },
+        device: device_name,
         steps,
         precondition_frequency: frequency,
         ms_per_step,
@@ -610,4 +634,54 @@ pub fn run_model(
         precondition_ms: (!precondition.is_empty())
             .then(|| precondition.iter().sum::<f64>() / precondition.len() as f64),
     })
+}
+
+/// The CPU optimizers of a model bench, stepping `params` with `grads`.
+fn cpu_model_stepper(
+    parts: ModelParts,
+    specs: &[ParamSpec],
+    mut params: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+) -> Result<ModelStepper> {
+    let mut optimizers = parts
+        .iter()
+        .map(|(c, idx)| {
+            let s = idx.iter().map(|&i| specs[i].clone()).collect();
+            CpuOptimizer::<f32>::new(c.clone(), s)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Box::new(move || {
+        let mut slots: Vec<Option<&mut Vec<f32>>> = params.iter_mut().map(Some).collect();
+        for ((_, idx), opt) in parts.iter().zip(optimizers.iter_mut()) {
+            let mut p: Vec<&mut [f32]> = idx
+                .iter()
+                .map(|&i| &mut slots[i].take().expect("each tensor in one part")[..])
+                .collect();
+            let g: Vec<&[f32]> = idx.iter().map(|&i| &grads[i][..]).collect();
+            opt.step(&mut p, &g)?;
+        }
+        Ok(())
+    }))
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_model_stepper(
+    parts: ModelParts,
+    specs: &[ParamSpec],
+    params: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+) -> Result<(ModelStepper, String)> {
+    crate::backend::cuda::bench::model_stepper(parts, specs, params, grads)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_model_stepper(
+    _parts: ModelParts,
+    _specs: &[ParamSpec],
+    _params: Vec<Vec<f32>>,
+    _grads: Vec<Vec<f32>>,
+) -> Result<(ModelStepper, String)> {
+    Err(KeelError::Cuda(
+        "this keel was built without the `cuda` feature".into(),
+    ))
 }

@@ -263,6 +263,16 @@ enum Device {
     Auto,
 }
 
+impl From<Device> for BenchDevice {
+    fn from(d: Device) -> Self {
+        match d {
+            Device::Cpu => BenchDevice::Cpu,
+            Device::Cuda => BenchDevice::Cuda,
+            Device::Auto => BenchDevice::Auto,
+        }
+    }
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Dtype {
     F32,
@@ -386,22 +396,16 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 set_threads(t)?;
             }
             if let Some(model) = model {
-                if matches!(device, Device::Cuda) {
-                    return Err(KeelError::config(
-                        "device",
-                        "--model runs on the CPU (the CUDA backend has no matrix optimizers yet)",
-                    ));
-                }
                 let model = match model {
                     Model::GptSmall => BenchModel::GptSmall,
                 };
-                let r = bench::run_model(&config, model, steps, warmup)?;
+                let r = bench::run_model_on(&config, model, steps, warmup, device.into())?;
                 if json {
                     print_json(&r)?;
                 } else {
                     println!(
-                        "{} on {}: {} params in {} tensors, {} threads, {} steps, precondition frequency {}",
-                        r.optimizer, r.model.name(), r.params, r.tensors, r.threads, r.steps,
+                        "{} on {} ({}): {} params in {} tensors, {} threads, {} steps, precondition frequency {}",
+                        r.optimizer, r.model.name(), r.device, r.params, r.tensors, r.threads, r.steps,
                         r.precondition_frequency
                     );
                     println!("  amortized step  {:10.2} ms", r.ms_per_step);
@@ -429,11 +433,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 },
             };
             let target = BenchTarget {
-                device: match device {
-                    Device::Cpu => BenchDevice::Cpu,
-                    Device::Cuda => BenchDevice::Cuda,
-                    Device::Auto => BenchDevice::Auto,
-                },
+                device: device.into(),
                 mixed_sizes,
             };
             let r = bench::run_with(&opts, &target)?;

@@ -82,18 +82,7 @@ impl<T: Real> CpuOptimizer<T> {
     ) -> Result<Self> {
         config.validate()?;
         let group_of = assign_groups(&specs, &groups)?;
-        if matches!(config.kind, OptimizerKind::Muon(_)) {
-            if let Some(s) = specs.iter().find(|s| s.shape.len() != 2) {
-                return Err(KeelError::shape(
-                    &s.name,
-                    format!(
-                        "muon updates 2-D matrices only, this parameter has shape {:?}; \
-                         give it to a second optimizer (e.g. adamw)",
-                        s.shape
-                    ),
-                ));
-            }
-        }
+        check_muon_shapes(&config.kind, &specs)?;
         let state = specs
             .iter()
             .map(|s| initial_state(&config.kind, s))
@@ -874,6 +863,25 @@ pub(crate) fn check_buffer_lens(
         }
     }
     Ok(())
+}
+
+/// Muon updates 2-D matrices only: an error naming the first parameter of
+/// another rank. Shared with the CUDA backend.
+pub(crate) fn check_muon_shapes(kind: &OptimizerKind, specs: &[ParamSpec]) -> Result<()> {
+    if !matches!(kind, OptimizerKind::Muon(_)) {
+        return Ok(());
+    }
+    match specs.iter().find(|s| s.shape.len() != 2) {
+        Some(s) => Err(KeelError::shape(
+            &s.name,
+            format!(
+                "muon updates 2-D matrices only, this parameter has shape {:?}; \
+                 give it to a second optimizer (e.g. adamw)",
+                s.shape
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The state dict of an optimizer whose state is `state[tensor][slot]` (slots

@@ -3,8 +3,8 @@
 //! Each file holds one optimizer family's math as small fused kernels over a
 //! chunk of a tensor; [`crate::backend::cpu`] runs them in parallel over
 //! chunks and decides the passes. LAMB is the Adam direction plus weight decay
-//! scaled by [`trust_ratio`] (two passes of [`adam`]); LARS is
-//! [`lars`] with the same trust ratio.
+//! scaled by [`trust_ratio`] (two passes of `adam`); LARS is
+//! `lars` with the same trust ratio.
 
 use std::path::Path;
 

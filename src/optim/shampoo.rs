@@ -62,13 +62,13 @@ pub(crate) struct Block {
 
 impl Block {
     /// Number of elements.
-    fn numel(&self) -> usize {
+    pub(crate) fn numel(&self) -> usize {
         self.dims.iter().product()
     }
 
     /// Flat tensor index of the first element of each contiguous run, in
     /// row-major block order.
-    fn runs(&self) -> impl Iterator<Item = usize> + '_ {
+    pub(crate) fn runs(&self) -> impl Iterator<Item = usize> + '_ {
         let k = self.dims.len();
         let count: usize = self.dims[..k - 1].iter().product();
         (0..count).map(move |r| {
@@ -101,7 +101,7 @@ impl Block {
     }
 
     /// Length of the block's factors (and roots): `sum_j n_j^2`.
-    fn factor_len(&self) -> usize {
+    pub(crate) fn factor_len(&self) -> usize {
         self.dims.iter().map(|d| d * d).sum()
     }
 }

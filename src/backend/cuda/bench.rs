@@ -6,7 +6,9 @@ use std::time::Instant;
 use half::bf16;
 
 use super::{CudaMixedPrecisionOptimizer, CudaOptimizer};
-use crate::bench::{fill, median, step_bytes, BenchDtype, BenchOptions, BenchReport};
+use crate::bench::{
+    fill, median, step_bytes, BenchDtype, BenchOptions, BenchReport, ModelParts, ModelStepper,
+};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
 use crate::optim::Optimizer;
@@ -130,4 +132,38 @@ pub fn run(opts: &BenchOptions, sizes: &[usize]) -> Result<BenchReport> {
         floor_gb_per_s: bandwidth,
         pct_of_floor: 100.0 * floor_ms / ms,
     })
+}
+
+/// The CUDA optimizers of a model bench (`keel bench --model ... --device
+/// cuda`), with `params` and `grads` uploaded to device 0; also the device
+/// name.
+pub(crate) fn model_stepper(
+    parts: ModelParts,
+    specs: &[ParamSpec],
+    params: Vec<Vec<f32>>,
+    grads: Vec<Vec<f32>>,
+) -> Result<(ModelStepper, String)> {
+    let mut sets = Vec::with_capacity(parts.len());
+    let mut name = String::new();
+    for (config, idx) in parts {
+        let part_specs = idx.iter().map(|&i| specs[i].clone()).collect();
+        let opt = CudaOptimizer::new(config, part_specs)?;
+        let mut p = Vec::with_capacity(idx.len());
+        let mut g = Vec::with_capacity(idx.len());
+        for &i in &idx {
+            p.push(opt.upload(&params[i])?);
+            g.push(opt.upload(&grads[i])?);
+        }
+        name = opt.device().name.clone();
+        sets.push((opt, p, g));
+    }
+    let step: ModelStepper = Box::new(move || {
+        for (opt, p, g) in sets.iter_mut() {
+            let mut pr: Vec<_> = p.iter_mut().collect();
+            let gr: Vec<_> = g.iter().collect();
+            opt.step(&mut pr, &gr)?;
+        }
+        Ok(())
+    });
+    Ok((step, format!("cuda:{name}")))
 }

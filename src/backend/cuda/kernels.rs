@@ -34,7 +34,7 @@ pub struct KernelSource {
 }
 
 /// Every kernel source, in load order.
-pub const SOURCES: [KernelSource; 3] = [
+pub const SOURCES: [KernelSource; 4] = [
     KernelSource {
         file: "reduce.cu",
         text: include_str!("../../../kernels/reduce.cu"),
@@ -70,6 +70,26 @@ pub const SOURCES: [KernelSource; 3] = [
             "keel_lamb_moments_bf16",
             "keel_adam_moments_f32",
             "keel_adam_moments_bf16",
+        ],
+    },
+    KernelSource {
+        file: "matrix.cu",
+        text: include_str!("../../../kernels/matrix.cu"),
+        kernels: &[
+            "keel_sumsq_partials",
+            "keel_norm_finalize",
+            "keel_sums_finalize",
+            "keel_scale_by",
+            "keel_muon_momentum",
+            "keel_shampoo_moments",
+            "keel_matrix_apply",
+            "keel_gather",
+            "keel_scatter",
+            "keel_mirror_lower",
+            "keel_root_input",
+            "keel_root_guard",
+            "keel_root_scale",
+            "keel_root_commit",
         ],
     },
 ];

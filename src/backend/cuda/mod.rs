@@ -1,5 +1,6 @@
 //! The CUDA backend (feature `cuda`): the elementwise optimizers (SGD, Adam,
-//! AdamW, Lion, LAMB, LARS) as fused multi-tensor kernels over device buffers.
+//! AdamW, Lion, LAMB, LARS) as fused multi-tensor kernels over device
+//! buffers, and Muon and Shampoo through cuBLAS and cuSOLVER.
 //!
 //! - [`cuda_available`] probes for a driver, NVRTC and a device without ever
 //!   panicking (cudarc panics when a library is missing, so it is probed
@@ -13,12 +14,19 @@
 //! - Kernels live in `kernels/` and are compiled by NVRTC for the device's
 //!   compute capability at first use, once per process ([`kernels`]).
 //!
-//! Muon, Shampoo and SOAP are not yet supported on CUDA: constructing a
-//! CUDA optimizer for them returns [`crate::KeelError::Cuda`] (use the CPU
-//! backend for them).
+//! - Muon and Shampoo (f32 parameters) run the CPU backend's math as GEMMs,
+//!   f64 eigendecompositions and small kernels (`matrix`); their device
+//!   step is also run, in the tests, on a host emulation of the device
+//!   (`emulator`) against the CPU backend.
+//!
+//! SOAP is not yet supported on CUDA: constructing a CUDA optimizer for it
+//! returns [`crate::KeelError::Cuda`] (use the CPU backend for it).
 
 pub mod bench;
+#[cfg(test)]
+mod emulator;
 pub mod kernels;
+mod matrix;
 mod optimizer;
 
 use std::sync::Arc;

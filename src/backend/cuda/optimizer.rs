@@ -1,5 +1,6 @@
 //! [`CudaOptimizer`] and [`CudaMixedPrecisionOptimizer`]: the step of the CPU
-//! backend as a fixed sequence of kernel launches on one stream.
+//! backend as a fixed sequence of kernel launches on one stream (Muon and
+//! Shampoo hand their matrix work to [`MatrixEngine`] after the scan).
 //!
 //! A step is
 //! 1. `keel_scan` (one block per chunk) → `keel_tensor_sums` (one block per
@@ -27,14 +28,15 @@ use cudarc::driver::{
 use half::bf16;
 
 use super::kernels::{self, Kernels};
+use super::matrix::{GradPrep, MatrixEngine, TensorBuffers};
 use super::{driver_error, open, DeviceInfo};
-use crate::backend::cpu::{build_state_dict, check_buffer_lens, read_state};
+use crate::backend::cpu::{build_state_dict, check_buffer_lens, check_muon_shapes, read_state};
 use crate::backend::mixed::{read_master, save_master, Rounding};
 use crate::checkpoint::{StateData, StateDict};
 use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::{assign_groups, ParamGroup};
-use crate::optim::{state_slots, Optimizer};
+use crate::optim::{initial_state, state_slots, Optimizer};
 use crate::stats::{SkipReason, StepStats, TensorStats};
 use crate::tensor::ParamSpec;
 
@@ -70,6 +72,12 @@ struct Core {
     group_of: Vec<usize>,
     /// `state[tensor][slot]`, slots as [`state_slots`] names them.
     state: Vec<Vec<CudaSlice<f32>>>,
+    /// The length of each state buffer (Shampoo's factor slots are not the
+    /// parameter's size; empty buffers hold one unused element).
+    state_lens: Vec<Vec<usize>>,
+    /// Muon's and Shampoo's GEMMs and eigendecompositions (`None` for the
+    /// elementwise optimizers).
+    matrix: Option<MatrixEngine>,
     step: u64,
     nchunks: usize,
     // Buffers only kernels read (through `addr`), held so they live as long
@@ -174,16 +182,14 @@ impl Core {
         ordinal: usize,
     ) -> Result<Self> {
         config.validate()?;
-        if matches!(
-            config.kind,
-            OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) | OptimizerKind::Soap(_)
-        ) {
+        if matches!(config.kind, OptimizerKind::Soap(_)) {
             return Err(KeelError::Cuda(format!(
                 "{} is not yet supported on cuda; use the CPU backend for it",
                 config.kind.name()
             )));
         }
         let group_of = assign_groups(&specs, &groups)?;
+        check_muon_shapes(&config.kind, &specs)?;
         let (ctx, info) = open(ordinal)?;
         let kernels = kernels::load(&ctx, &info.arch)?;
         let stream = ctx.default_stream();
@@ -207,17 +213,18 @@ impl Core {
         let n = specs.len();
         let alloc_f64 = |len: usize| stream.alloc_zeros::<f64>(len.max(1)).map_err(cuda_err);
         let mut state = Vec::with_capacity(n);
+        let mut state_lens = Vec::with_capacity(n);
         for spec in &specs {
-            let mut slots = Vec::new();
-            for _ in state_slots(&config.kind) {
-                slots.push(
-                    stream
-                        .alloc_zeros::<f32>(spec.numel().max(1))
-                        .map_err(cuda_err)?,
-                );
+            // Zeros, except Shampoo's roots, which start as identities.
+            let initial: Vec<Vec<f32>> = initial_state(&config.kind, spec);
+            let mut slots = Vec::with_capacity(initial.len());
+            for buf in &initial {
+                slots.push(to_device(&stream, buf)?);
             }
+            state_lens.push(initial.iter().map(Vec::len).collect());
             state.push(slots);
         }
+        let matrix = MatrixEngine::new(&config.kind, &specs, &stream, &kernels)?;
         table.resize(table.len().max(2), 0);
         let chunks = stream.clone_htod(&table).map_err(cuda_err)?;
         let chunk_start = stream.clone_htod(&chunk_start).map_err(cuda_err)?;
@@ -255,6 +262,8 @@ impl Core {
             groups,
             group_of,
             state,
+            state_lens,
+            matrix,
             step: 0,
         })
     }
@@ -340,6 +349,16 @@ impl Core {
         let t = self.step + 1;
         let kind = self.config.kind.clone();
         let (tparam, coef) = self.coefficients(t);
+        // Each tensor's parameter and gradient addresses (the matrix step
+        // hands them to cuBLAS).
+        let tensor_ptrs: Vec<(u64, u64)> =
+            bufs.ptrs.chunks(PTRS_LEN).map(|c| (c[0], c[1])).collect();
+        if self.matrix.is_some() && bufs.bf16_grads {
+            return Err(KeelError::Cuda(format!(
+                "{} on cuda takes f32 parameters and gradients (CudaOptimizer)",
+                kind.name()
+            )));
+        }
         let stream = self.stream.clone();
         let s = &stream;
         if n > 0 {
@@ -407,6 +426,10 @@ impl Core {
                 .arg(&a.global);
             // SAFETY: matches keel_global_finalize's signature.
             unsafe { b.launch(launch_cfg(1, 1024)?) }.map_err(cuda_err)?;
+        }
+
+        if self.matrix.is_some() {
+            return self.matrix_step(t, &tensor_ptrs, lo, hi);
         }
 
         // 2. The update.
@@ -491,7 +514,55 @@ impl Core {
         }
         let out = self.stream.clone_dtoh(&self.outputs).map_err(cuda_err)?;
         let (tstats, global) = out.split_at(n * T_LEN);
-        self.stats(tstats, global, has_chunks)
+        self.stats(tstats, global, has_chunks, 0)
+    }
+
+    /// The rest of a Muon or Shampoo step after the scan (see
+    /// [`MatrixEngine`]): one read-back for the skip flag and clip factor,
+    /// the matrix work, then the read-back of the statistics.
+    fn matrix_step(&mut self, t: u64, ptrs: &[(u64, u64)], lo: f32, hi: f32) -> Result<StepStats> {
+        let n = self.specs.len();
+        let out = self.stream.clone_dtoh(&self.outputs).map_err(cuda_err)?;
+        let (tstats, global) = out.split_at(n * T_LEN);
+        if global[2] != 0.0 {
+            return self.stats(tstats, global, false, 0);
+        }
+        let prep = GradPrep {
+            lo,
+            hi,
+            scale: global[1] as f32,
+        };
+        let kind = self.config.kind.clone();
+        let (lr, wd) = (kind.lr(), kind.weight_decay());
+        let lr_wd: Vec<(f64, f64)> = self
+            .group_of
+            .iter()
+            .map(|&g| {
+                let group = &self.groups[g];
+                (
+                    lr * group.lr_scale,
+                    if group.weight_decay { wd } else { 0.0 },
+                )
+            })
+            .collect();
+        let stream = self.stream.clone();
+        let tensors: Vec<TensorBuffers> = (0..n)
+            .map(|i| TensorBuffers {
+                p: ptrs[i].0,
+                g: ptrs[i].1,
+                state: self.state[i].iter().map(|s| addr(s, &stream)).collect(),
+                sums: self.addr.tstats + 8 * (i * T_LEN + T_PARAM_SQ as usize) as u64,
+            })
+            .collect();
+        let engine = self
+            .matrix
+            .as_mut()
+            .ok_or_else(|| KeelError::Cuda("internal: no matrix engine".into()))?;
+        engine.step(&kind, t, &self.specs, &lr_wd, &tensors, prep)?;
+        let failures = engine.failures()?;
+        let out = self.stream.clone_dtoh(&self.outputs).map_err(cuda_err)?;
+        let (tstats, global) = out.split_at(n * T_LEN);
+        self.stats(tstats, global, true, failures)
     }
 
     /// Launches `keel_tensor_sums` (see reduce.cu).
@@ -530,7 +601,13 @@ impl Core {
 
     /// The step's statistics from the read-back buffers; counts the step
     /// unless it was skipped.
-    fn stats(&mut self, tstats: &[f64], global: &[f64], has_chunks: bool) -> Result<StepStats> {
+    fn stats(
+        &mut self,
+        tstats: &[f64],
+        global: &[f64],
+        has_chunks: bool,
+        preconditioner_failures: usize,
+    ) -> Result<StepStats> {
         let lr = self.config.kind.lr();
         let n = self.specs.len();
         let ts = |i: usize, k: usize| tstats[i * T_LEN + k];
@@ -594,12 +671,16 @@ impl Core {
             global_grad_norm_clipped: norm * s,
             clip_factor: s,
             skipped: None,
-            preconditioner_failures: 0,
+            preconditioner_failures,
             tensors,
         })
     }
 
     fn state_dict(&self) -> Result<StateDict> {
+        // Each buffer with its true length (build_state_dict reads them in
+        // tensor, then slot order).
+        let lens: Vec<usize> = self.state_lens.iter().flatten().copied().collect();
+        let next = std::cell::Cell::new(0);
         build_state_dict(
             &self.config,
             self.step,
@@ -607,7 +688,11 @@ impl Core {
             &self.specs,
             &self.groups,
             &self.state,
-            |data, spec| Ok(StateData::F32(to_host(&self.stream, data, spec.numel())?)),
+            |data, _spec| {
+                let k = next.get();
+                next.set(k + 1);
+                Ok(StateData::F32(to_host(&self.stream, data, lens[k])?))
+            },
         )
     }
 
@@ -628,6 +713,13 @@ impl Core {
             }
             state.push(dev);
         }
+        // The loaded config may block Shampoo's tensors differently.
+        let matrix = MatrixEngine::new(&sd.config.kind, &self.specs, &self.stream, &self.kernels)?;
+        self.state_lens = host
+            .iter()
+            .map(|bufs| bufs.iter().map(Vec::len).collect())
+            .collect();
+        self.matrix = matrix;
         self.config = sd.config.clone();
         self.groups = sd.groups.clone();
         self.group_of = group_of;
@@ -762,8 +854,9 @@ macro_rules! core_optimizer_methods {
 /// Parameters and gradients are `CudaSlice<f32>` buffers (allocate them on
 /// [`CudaOptimizer::stream`], or synchronize them with it); each step queues
 /// a fixed sequence of kernels on that stream and reads its statistics back
-/// once. SGD, Adam, AdamW, Lion, LAMB and LARS are supported; Muon, Shampoo
-/// and SOAP are not yet (constructing one returns [`KeelError::Cuda`]).
+/// once (Muon and Shampoo: twice, the first right after the scan). SGD,
+/// Adam, AdamW, Lion, LAMB, LARS, Muon and Shampoo are supported; SOAP is
+/// not yet (constructing one returns [`KeelError::Cuda`]).
 ///
 /// ```no_run
 /// use keel::backend::cuda::CudaOptimizer;
@@ -848,7 +941,7 @@ impl CudaOptimizer {
             return Ok(None);
         };
         match self.core.state.get(tensor) {
-            Some(s) => to_host(&self.core.stream, &s[i], self.core.specs[tensor].numel()).map(Some),
+            Some(s) => to_host(&self.core.stream, &s[i], self.core.state_lens[tensor][i]).map(Some),
             None => Ok(None),
         }
     }
@@ -905,6 +998,16 @@ impl CudaMixedPrecisionOptimizer {
         rounding: Rounding,
         ordinal: usize,
     ) -> Result<Self> {
+        if matches!(
+            config.kind,
+            OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_)
+        ) {
+            return Err(KeelError::Cuda(format!(
+                "{} on cuda takes f32 parameters (CudaOptimizer); bf16 with master weights \
+                 covers the elementwise optimizers",
+                config.kind.name()
+            )));
+        }
         let core = Core::new(config, specs, groups, ordinal)?;
         let lens = || initial.iter().map(|p| p.len());
         check_buffer_lens(&core.specs, lens(), lens())?;
