@@ -6,6 +6,8 @@
 //! Run: `cargo bench --features candle,burn --bench adapters [-- ROUNDS [PARAMS]]`
 //! (`--features candle` alone times the candle rows only).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 #[cfg(feature = "burn")]
@@ -21,18 +23,9 @@ use keel::adapters::burn::KeelBurn;
 use keel::adapters::candle::KeelCandle;
 use keel::{CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec};
 
-const CONFIG: &str = r#"{"kind": "adamw", "lr": 0.001, "weight_decay": 0.01}"#;
+use common::values;
 
-fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let h = (i as u32)
-                .wrapping_mul(2_654_435_761)
-                .wrapping_add(seed.wrapping_mul(40_503));
-            ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
+const CONFIG: &str = r#"{"kind": "adamw", "lr": 0.001, "weight_decay": 0.01}"#;
 
 #[cfg(feature = "burn")]
 #[derive(Module, Debug)]

@@ -5,9 +5,13 @@
 //!
 //! Run: `cargo bench --bench cpu_step` (or filter, e.g. `-- adamw/10M`).
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use keel::optim::bytes_per_param;
 use keel::{CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec};
+
+use common::values;
 
 const KINDS: [&str; 6] = [
     r#"{"kind": "sgd", "lr": 0.001, "momentum": 0.9}"#,
@@ -17,17 +21,6 @@ const KINDS: [&str; 6] = [
     r#"{"kind": "lars", "lr": 0.001}"#,
     r#"{"kind": "lion", "lr": 0.0001}"#,
 ];
-
-fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let h = (i as u32)
-                .wrapping_mul(2_654_435_761)
-                .wrapping_add(seed.wrapping_mul(40_503));
-            ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
 
 fn cpu_step(c: &mut Criterion) {
     for kind in KINDS {

@@ -9,11 +9,15 @@
 //! `-- adamw/100M`). `scripts/gpu-check.sh` records the same sizes with
 //! `keel bench --device cuda`, next to torch.
 
+mod common;
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use keel::backend::cuda::{cuda_available, CudaOptimizer};
 use keel::bench::BenchModel;
 use keel::optim::bytes_per_param;
 use keel::{Optimizer, OptimizerConfig, ParamSpec};
+
+use common::values;
 
 const KINDS: [&str; 4] = [
     r#"{"kind": "adamw", "lr": 0.001, "weight_decay": 0.1}"#,
@@ -27,17 +31,6 @@ const MATRIX: [&str; 3] = [
     r#"{"kind": "shampoo", "lr": 0.001, "precondition_frequency": 1, "grafting": {"kind": "adam"}}"#,
     r#"{"kind": "shampoo", "lr": 0.001, "precondition_frequency": 100, "grafting": {"kind": "adam"}}"#,
 ];
-
-fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let h = (i as u32)
-                .wrapping_mul(2_654_435_761)
-                .wrapping_add(seed.wrapping_mul(40_503));
-            ((h >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * scale
-        })
-        .collect()
-}
 
 /// Times `config` over `specs` on device 0.
 fn bench_specs(

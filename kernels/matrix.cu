@@ -57,17 +57,25 @@ keel_sumsq_partials(const float* x, const float* y, u64 n, double* partials) {
 #define KEEL_NORM_INV 0    // out = 1 / max(||x||, eps): Muon's normalization
 #define KEEL_NORM_RATIO 1  // out = ||x|| / (||y|| + eps): Shampoo's graft scale
 
+// The two column sums of `count` partial pairs, added in a fixed order
+// (valid in thread 0).
+__device__ __forceinline__ void keel_pair_sums(const double* partials, int count, double* scratch,
+                                               double* s0, double* s1) {
+    double a = 0.0, b = 0.0;
+    for (int k = threadIdx.x; k < count; k += blockDim.x) {
+        a += partials[2 * k];
+        b += partials[2 * k + 1];
+    }
+    *s0 = keel_block_sum(a, scratch);
+    *s1 = keel_block_sum(b, scratch);
+}
+
 // One block: adds `count` partial pairs in order and writes one f32 factor.
 extern "C" __global__ void __launch_bounds__(KEEL_BLOCK)
 keel_norm_finalize(const double* partials, int count, int mode, double eps, float* out) {
     __shared__ double scratch[32];
-    double sx = 0.0, sy = 0.0;
-    for (int b = threadIdx.x; b < count; b += blockDim.x) {
-        sx += partials[2 * b];
-        sy += partials[2 * b + 1];
-    }
-    sx = keel_block_sum(sx, scratch);
-    sy = keel_block_sum(sy, scratch);
+    double sx, sy;
+    keel_pair_sums(partials, count, scratch, &sx, &sy);
     if (threadIdx.x == 0) {
         double nx = sqrt(sx), ny = sqrt(sy);
         double v = mode == KEEL_NORM_INV ? 1.0 / (nx > eps ? nx : eps) : nx / (ny + eps);
@@ -80,13 +88,8 @@ keel_norm_finalize(const double* partials, int count, int mode, double eps, floa
 extern "C" __global__ void __launch_bounds__(KEEL_BLOCK)
 keel_sums_finalize(const double* partials, int count, double* out) {
     __shared__ double scratch[32];
-    double s0 = 0.0, s1 = 0.0;
-    for (int b = threadIdx.x; b < count; b += blockDim.x) {
-        s0 += partials[2 * b];
-        s1 += partials[2 * b + 1];
-    }
-    s0 = keel_block_sum(s0, scratch);
-    s1 = keel_block_sum(s1, scratch);
+    double s0, s1;
+    keel_pair_sums(partials, count, scratch, &s0, &s1);
     if (threadIdx.x == 0) {
         out[0] = s0;
         out[1] = s1;

@@ -74,31 +74,17 @@ pub(super) enum Arg {
     F64(f64),
 }
 
-impl From<u64> for Arg {
-    fn from(v: u64) -> Self {
-        Arg::U64(v)
-    }
+/// `Arg` from each kernel parameter type.
+macro_rules! arg_from {
+    ($($t:ty => $v:ident),*) => {$(
+        impl From<$t> for Arg {
+            fn from(v: $t) -> Self {
+                Arg::$v(v)
+            }
+        }
+    )*};
 }
-impl From<u32> for Arg {
-    fn from(v: u32) -> Self {
-        Arg::U32(v)
-    }
-}
-impl From<i32> for Arg {
-    fn from(v: i32) -> Self {
-        Arg::I32(v)
-    }
-}
-impl From<f32> for Arg {
-    fn from(v: f32) -> Self {
-        Arg::F32(v)
-    }
-}
-impl From<f64> for Arg {
-    fn from(v: f64) -> Self {
-        Arg::F64(v)
-    }
-}
+arg_from!(u64 => U64, u32 => U32, i32 => I32, f32 => F32, f64 => F64);
 
 /// The shape of a launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

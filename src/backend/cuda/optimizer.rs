@@ -349,10 +349,13 @@ impl Core {
         let t = self.step + 1;
         let kind = self.config.kind.clone();
         let (tparam, coef) = self.coefficients(t);
-        // Each tensor's parameter and gradient addresses (the matrix step
-        // hands them to cuBLAS).
-        let tensor_ptrs: Vec<(u64, u64)> =
-            bufs.ptrs.chunks(PTRS_LEN).map(|c| (c[0], c[1])).collect();
+        // Each tensor's parameter and gradient addresses, which the matrix
+        // step hands to cuBLAS (the elementwise step needs no copy of them).
+        let tensor_ptrs: Vec<(u64, u64)> = if self.matrix.is_some() {
+            bufs.ptrs.chunks(PTRS_LEN).map(|c| (c[0], c[1])).collect()
+        } else {
+            Vec::new()
+        };
         if self.matrix.is_some() && bufs.bf16_grads {
             return Err(KeelError::Cuda(format!(
                 "{} on cuda takes f32 parameters and gradients (CudaOptimizer)",
@@ -677,22 +680,21 @@ impl Core {
     }
 
     fn state_dict(&self) -> Result<StateDict> {
-        // Each buffer with its true length (build_state_dict reads them in
-        // tensor, then slot order).
-        let lens: Vec<usize> = self.state_lens.iter().flatten().copied().collect();
-        let next = std::cell::Cell::new(0);
+        // Each buffer with its true length (empty ones hold one element).
+        let sized: Vec<Vec<(&CudaSlice<f32>, usize)>> = self
+            .state
+            .iter()
+            .zip(&self.state_lens)
+            .map(|(bufs, lens)| bufs.iter().zip(lens.iter().copied()).collect())
+            .collect();
         build_state_dict(
             &self.config,
             self.step,
             "F32",
             &self.specs,
             &self.groups,
-            &self.state,
-            |data, _spec| {
-                let k = next.get();
-                next.set(k + 1);
-                Ok(StateData::F32(to_host(&self.stream, data, lens[k])?))
-            },
+            &sized,
+            |&(data, len), _spec| Ok(StateData::F32(to_host(&self.stream, data, len)?)),
         )
     }
 
