@@ -1,13 +1,6 @@
 //! The `keel` command line: the spike lab, GPT training and sampling,
 //! conformance checks and step benchmarks.
 
-// The optimizers' matrix work allocates and frees multi-megabyte buffers
-// every step (eigendecompositions, block copies); glibc's malloc hands them
-// back to the kernel and faults them in again, which cost 7-9% of a
-// Shampoo step on two threads. mimalloc keeps them for reuse.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 

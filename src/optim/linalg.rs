@@ -9,8 +9,9 @@
 //! one on the development machine).
 
 use std::any::Any;
+use std::cell::RefCell;
 
-use faer::dyn_stack::{MemBuffer, MemStack};
+use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
 use faer::linalg::evd::{self, ComputeEigenvectors};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self, BlockStructure};
@@ -152,6 +153,32 @@ pub(crate) fn mode_product<T: Real>(
     }
 }
 
+thread_local! {
+    /// Each thread's solver workspace and the request it was sized for.
+    static SCRATCH: RefCell<(StackReq, MemBuffer)> =
+        RefCell::new((StackReq::EMPTY, MemBuffer::new(StackReq::EMPTY)));
+}
+
+/// Runs `f` on a workspace of at least `req`, kept per thread between calls:
+/// a recomputing Shampoo step runs hundreds of eigendecompositions, each
+/// needing megabytes of workspace, and allocating them afresh every time
+/// makes the allocator return the pages to the kernel and fault them in
+/// again (several percent of the step with glibc's malloc).
+fn with_scratch<R>(req: StackReq, f: impl FnOnce(&mut MemStack) -> R) -> R {
+    SCRATCH.with(|cell| {
+        // A nested call on the same thread (none today) gets its own buffer.
+        let Ok(mut guard) = cell.try_borrow_mut() else {
+            return f(MemStack::new(&mut MemBuffer::new(req)));
+        };
+        let (have, buffer) = &mut *guard;
+        if have.size_bytes() < req.size_bytes() || have.align_bytes() < req.align_bytes() {
+            *buffer = MemBuffer::new(req);
+            *have = req;
+        }
+        f(MemStack::new(buffer))
+    })
+}
+
 /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix.
 pub(crate) struct SymEigen<T> {
     /// Eigenvalues, ascending.
@@ -170,21 +197,22 @@ pub(crate) fn sym_eigen<T: Real>(a: MatRef<'_, T>) -> Option<SymEigen<T>> {
     }
     let mut vectors = Mat::<T>::zeros(n, n);
     let mut values = faer::diag::Diag::<T>::zeros(n);
-    let scratch = evd::self_adjoint_evd_scratch::<T>(
+    let req = evd::self_adjoint_evd_scratch::<T>(
         n,
         ComputeEigenvectors::Yes,
         Par::Seq,
         Default::default(),
     );
-    let mut buffer = MemBuffer::new(scratch);
-    evd::self_adjoint_evd(
-        a,
-        values.as_mut(),
-        Some(vectors.as_mut()),
-        Par::Seq,
-        MemStack::new(&mut buffer),
-        Default::default(),
-    )
+    with_scratch(req, |stack| {
+        evd::self_adjoint_evd(
+            a,
+            values.as_mut(),
+            Some(vectors.as_mut()),
+            Par::Seq,
+            stack,
+            Default::default(),
+        )
+    })
     .ok()?;
     let values: Vec<f64> = (0..n).map(|i| values[i].to_f64x()).collect();
     if values.iter().any(|v| !v.is_finite()) {
