@@ -8,14 +8,15 @@
 //! pay (a 1024 x 1024 eigendecomposition was slower on two threads than on
 //! one on the development machine).
 
-use std::any::Any;
+use std::any::TypeId;
 use std::cell::RefCell;
 
-use faer::dyn_stack::{MemBuffer, MemStack, StackReq};
+use faer::diag::DiagMut;
+use faer::dyn_stack::{DynArray, MemBuffer, MemStack, StackReq};
 use faer::linalg::evd::{self, ComputeEigenvectors};
 use faer::linalg::matmul::matmul;
 use faer::linalg::matmul::triangular::{self, BlockStructure};
-use faer::{Accum, Mat, MatMut, MatRef, Par};
+use faer::{Accum, MatMut, MatRef, Par};
 
 use crate::real::Real;
 
@@ -154,18 +155,18 @@ pub(crate) fn mode_product<T: Real>(
 }
 
 thread_local! {
-    /// Each thread's solver workspace and the request it was sized for.
-    static SCRATCH: RefCell<(StackReq, MemBuffer)> =
+    /// Each thread's workspace and the request it was sized for.
+    static WORKSPACE: RefCell<(StackReq, MemBuffer)> =
         RefCell::new((StackReq::EMPTY, MemBuffer::new(StackReq::EMPTY)));
 }
 
-/// Runs `f` on a workspace of at least `req`, kept per thread between calls:
-/// a recomputing Shampoo step runs hundreds of eigendecompositions, each
-/// needing megabytes of workspace, and allocating them afresh every time
-/// makes the allocator return the pages to the kernel and fault them in
-/// again (several percent of the step with glibc's malloc).
-fn with_scratch<R>(req: StackReq, f: impl FnOnce(&mut MemStack) -> R) -> R {
-    SCRATCH.with(|cell| {
+/// Runs `f` on a workspace of at least `req`, kept per thread between calls.
+/// A recomputing Shampoo step runs hundreds of eigendecompositions, each with
+/// megabytes of matrices and solver workspace; allocated afresh every time,
+/// they make the allocator hand pages back to the kernel and fault them in
+/// again.
+pub(crate) fn with_workspace<R>(req: StackReq, f: impl FnOnce(&mut MemStack) -> R) -> R {
+    WORKSPACE.with(|cell| {
         // A nested call on the same thread (none today) gets its own buffer.
         let Ok(mut guard) = cell.try_borrow_mut() else {
             return f(MemStack::new(&mut MemBuffer::new(req)));
@@ -179,78 +180,120 @@ fn with_scratch<R>(req: StackReq, f: impl FnOnce(&mut MemStack) -> R) -> R {
     })
 }
 
-/// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix.
-pub(crate) struct SymEigen<T> {
+/// Alignment of workspace matrices: a cache line, as faer's own.
+const ALIGN: usize = 64;
+
+/// Workspace for an `n x n` matrix of `T`.
+pub(crate) fn square_scratch<T>(n: usize) -> StackReq {
+    StackReq::new_aligned::<T>(n * n, ALIGN)
+}
+
+/// An `n x n` column-major matrix in the workspace, entry `(i, j)` from `f`.
+pub(crate) fn square_in<'s, T: Real>(
+    n: usize,
+    stack: &'s mut MemStack,
+    f: impl Fn(usize, usize) -> T,
+) -> (DynArray<'s, T>, &'s mut MemStack) {
+    stack.make_aligned_with(n * n, ALIGN, |k| f(k % n, k / n))
+}
+
+/// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix,
+/// the vectors in a workspace.
+pub(crate) struct SymEigen<'s, T> {
     /// Eigenvalues, ascending.
     pub values: Vec<f64>,
-    /// Orthonormal eigenvectors, one per column, in the order of `values`.
-    pub vectors: Mat<T>,
+    /// Orthonormal eigenvectors, column-major, one per column in the order
+    /// of `values`.
+    vectors: DynArray<'s, T>,
+}
+
+impl<T: Real> SymEigen<'_, T> {
+    /// The eigenvectors as columns.
+    pub fn vectors(&self) -> MatRef<'_, T> {
+        let n = self.values.len();
+        MatRef::from_column_major_slice(&self.vectors, n, n)
+    }
+}
+
+/// Workspace of [`sym_eigen`] for order `n`.
+pub(crate) fn sym_eigen_scratch<T: Real>(n: usize) -> StackReq {
+    square_scratch::<T>(n)
+        .and(StackReq::new_aligned::<T>(n, ALIGN))
+        .and(evd::self_adjoint_evd_scratch::<T>(
+            n,
+            ComputeEigenvectors::Yes,
+            Par::Seq,
+            Default::default(),
+        ))
 }
 
 /// The eigendecomposition of the symmetric `a` in `T`'s precision (its
 /// lower triangle is read), or `None` when `a` has a non-finite entry or
-/// the solver fails.
-pub(crate) fn sym_eigen<T: Real>(a: MatRef<'_, T>) -> Option<SymEigen<T>> {
+/// the solver fails; with the rest of the workspace.
+pub(crate) fn sym_eigen<'s, T: Real>(
+    a: MatRef<'_, T>,
+    stack: &'s mut MemStack,
+) -> (Option<SymEigen<'s, T>>, &'s mut MemStack) {
     let n = a.nrows();
     if (0..n).any(|j| (j..n).any(|i| !a[(i, j)].is_finite())) {
-        return None;
+        return (None, stack);
     }
-    let mut vectors = Mat::<T>::zeros(n, n);
-    let mut values = faer::diag::Diag::<T>::zeros(n);
-    let req = evd::self_adjoint_evd_scratch::<T>(
-        n,
-        ComputeEigenvectors::Yes,
+    let (mut vectors, stack) = square_in(n, stack, |_, _| T::zero());
+    let (mut values, stack) = stack.make_aligned_with(n, ALIGN, |_| T::zero());
+    let solved = evd::self_adjoint_evd(
+        a,
+        DiagMut::from_slice_mut(&mut values),
+        Some(MatMut::from_column_major_slice_mut(&mut vectors, n, n)),
         Par::Seq,
+        stack,
         Default::default(),
     );
-    with_scratch(req, |stack| {
-        evd::self_adjoint_evd(
-            a,
-            values.as_mut(),
-            Some(vectors.as_mut()),
-            Par::Seq,
-            stack,
-            Default::default(),
-        )
-    })
-    .ok()?;
-    let values: Vec<f64> = (0..n).map(|i| values[i].to_f64x()).collect();
-    if values.iter().any(|v| !v.is_finite()) {
-        return None;
+    let values: Vec<f64> = values.iter().map(|v| v.to_f64x()).collect();
+    if solved.is_err() || values.iter().any(|v| !v.is_finite()) {
+        return (None, stack);
     }
-    Some(SymEigen { values, vectors })
+    (Some(SymEigen { values, vectors }), stack)
+}
+
+/// Workspace of [`spectral_apply`] for order `n` into `T`.
+pub(crate) fn spectral_apply_scratch<T>(n: usize) -> StackReq {
+    square_scratch::<T>(n).and(square_scratch::<T>(n))
 }
 
 /// `Q diag(f(mu)) Q^T` in precision `T`, written row-major into `out`
 /// (`n x n`); `false` (and `out` unspecified) when a value is not finite.
 /// The eigenvectors may be in another precision `E` (f64 for Shampoo).
 pub(crate) fn spectral_apply<E: Real, T: Real>(
-    eig: &SymEigen<E>,
+    eig: &SymEigen<'_, E>,
     f: impl Fn(f64) -> f64,
     out: &mut [T],
+    stack: &mut MemStack,
 ) -> bool {
     let n = eig.values.len();
     let scale: Vec<f64> = eig.values.iter().map(|&m| f(m)).collect();
     if scale.iter().any(|s| !s.is_finite()) {
         return false;
     }
+    let q = eig.vectors();
+    let (q_scaled, stack) = square_in(n, stack, |a, i| {
+        T::from_f64x(q[(a, i)].to_f64x() * scale[i])
+    });
     // The eigenvectors as they are when already in `T` (no copy).
     let converted;
-    let q = match (&eig.vectors as &dyn Any).downcast_ref::<Mat<T>>() {
-        Some(q) => q.as_ref(),
-        None => {
-            converted = Mat::<T>::from_fn(n, n, |a, i| T::from_f64x(eig.vectors[(a, i)].to_f64x()));
-            converted.as_ref()
+    let q_t: MatRef<'_, T> = if TypeId::of::<E>() == TypeId::of::<T>() {
+        // SAFETY: `E` and `T` are the same type, so this is `q` itself.
+        unsafe {
+            MatRef::from_raw_parts(q.as_ptr().cast::<T>(), n, n, q.row_stride(), q.col_stride())
         }
+    } else {
+        converted = square_in(n, stack, |a, i| T::from_f64x(q[(a, i)].to_f64x())).0;
+        MatRef::from_column_major_slice(&converted, n, n)
     };
-    let q_scaled = Mat::<T>::from_fn(n, n, |a, i| {
-        T::from_f64x(eig.vectors[(a, i)].to_f64x() * scale[i])
-    });
     matmul_lower(
         view_mut(out, n, n),
         Accum::Replace,
-        q_scaled.as_ref(),
-        q.transpose(),
+        MatRef::from_column_major_slice(&q_scaled, n, n),
+        q_t.transpose(),
         T::one(),
         Par::Seq,
     );

@@ -142,8 +142,11 @@ pub(crate) fn newton_schulz_spectral_into<T: Real>(
         h
     };
     let mut poly = vec![T::zero(); r * r];
-    let spectral = linalg::sym_eigen(gram.as_ref())
-        .is_some_and(|eig| linalg::spectral_apply(&eig, h, &mut poly));
+    let req = linalg::sym_eigen_scratch::<T>(r).and(linalg::spectral_apply_scratch::<T>(r));
+    let spectral = linalg::with_workspace(req, |stack| {
+        let (eig, stack) = linalg::sym_eigen(gram.as_ref(), stack);
+        eig.is_some_and(|eig| linalg::spectral_apply(&eig, h, &mut poly, stack))
+    });
     if spectral {
         let poly = linalg::view(&poly, r, r);
         matmul(out, Accum::Replace, poly, x, T::from_f64x(inv), par);

@@ -15,7 +15,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use faer::Mat;
+use faer::MatRef;
 use rayon::prelude::*;
 
 use super::linalg;
@@ -480,25 +480,32 @@ impl RootSpec {
     /// fails or a value is not finite.
     fn compute<E: Real, T: Real>(&self, l: &[T], root: &mut [T]) -> bool {
         let n = self.n;
-        let a = Mat::<E>::from_fn(n, n, |a, b| {
-            let diag = if a == b { self.epsilon } else { 0.0 };
-            E::from_f64x(l[a * n + b].to_f64x() / self.bias2 + diag)
-        });
-        let Some(eig) = linalg::sym_eigen(a.as_ref()) else {
-            return false;
-        };
-        let min = eig.values.iter().copied().fold(f64::INFINITY, f64::min);
-        let shift = if min < self.epsilon {
-            self.epsilon - min
-        } else {
-            0.0
-        };
-        let mut fresh = vec![T::zero(); root.len()];
-        let exponent = -1.0 / self.r as f64;
-        if !linalg::spectral_apply(&eig, |m| (m + shift).powf(exponent), &mut fresh) {
-            return false;
-        }
-        root.copy_from_slice(&fresh);
-        true
+        let req = linalg::square_scratch::<E>(n)
+            .and(linalg::sym_eigen_scratch::<E>(n))
+            .and(linalg::square_scratch::<T>(n))
+            .and(linalg::spectral_apply_scratch::<T>(n));
+        linalg::with_workspace(req, |stack| {
+            let (a, stack) = linalg::square_in(n, stack, |a, b| {
+                let diag = if a == b { self.epsilon } else { 0.0 };
+                E::from_f64x(l[a * n + b].to_f64x() / self.bias2 + diag)
+            });
+            let (eig, stack) = linalg::sym_eigen(MatRef::from_column_major_slice(&a, n, n), stack);
+            let Some(eig) = eig else {
+                return false;
+            };
+            let min = eig.values.iter().copied().fold(f64::INFINITY, f64::min);
+            let shift = if min < self.epsilon {
+                self.epsilon - min
+            } else {
+                0.0
+            };
+            let (mut fresh, stack) = linalg::square_in(n, stack, |_, _| T::zero());
+            let exponent = -1.0 / self.r as f64;
+            if !linalg::spectral_apply(&eig, |m| (m + shift).powf(exponent), &mut fresh, stack) {
+                return false;
+            }
+            root.copy_from_slice(&fresh);
+            true
+        })
     }
 }

@@ -33,7 +33,7 @@
 //! preconditioned side, row-major; bases start as identities).
 
 use faer::linalg::matmul::matmul;
-use faer::{Accum, Mat, MatRef, Par};
+use faer::{Accum, MatRef, Par};
 
 use super::adam::{self, AdamCoeffs};
 use super::linalg::{self, view, view_mut};
@@ -163,17 +163,22 @@ fn rotate<T: Real>(
 /// eigenvalue, written row-major into `basis`; `false` (basis untouched)
 /// when the eigendecomposition fails or is not finite.
 fn eigenbasis<T: Real>(l: &[T], n: usize, basis: &mut [T]) -> bool {
-    let a = Mat::<f64>::from_fn(n, n, |i, j| l[i * n + j].to_f64x());
-    let Some(eig) = linalg::sym_eigen(a.as_ref()) else {
-        return false;
-    };
-    // faer returns ascending eigenvalues: reverse the columns.
-    for i in 0..n {
-        for j in 0..n {
-            basis[i * n + j] = T::from_f64x(eig.vectors[(i, n - 1 - j)]);
+    let req = linalg::square_scratch::<f64>(n).and(linalg::sym_eigen_scratch::<f64>(n));
+    linalg::with_workspace(req, |stack| {
+        let (a, stack) = linalg::square_in(n, stack, |i, j| l[i * n + j].to_f64x());
+        let Some(eig) = linalg::sym_eigen(MatRef::from_column_major_slice(&a, n, n), stack).0
+        else {
+            return false;
+        };
+        // faer returns ascending eigenvalues: reverse the columns.
+        let q = eig.vectors();
+        for i in 0..n {
+            for j in 0..n {
+                basis[i * n + j] = T::from_f64x(q[(i, n - 1 - j)]);
+            }
         }
-    }
-    true
+        true
+    })
 }
 
 /// One SOAP step of one tensor (`t` is the 1-based step); returns its sums

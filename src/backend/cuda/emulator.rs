@@ -536,13 +536,17 @@ impl MatrixDevice for Emulator {
                 }
             },
         );
-        match linalg::sym_eigen(mat.as_ref()) {
-            Some(eig) => {
-                let q: Vec<f64> = (0..n * n)
-                    .map(|idx| eig.vectors[(idx % n, idx / n)])
-                    .collect();
+        let solved = linalg::with_workspace(linalg::sym_eigen_scratch::<f64>(n), |stack| {
+            linalg::sym_eigen(mat.as_ref(), stack).0.map(|eig| {
+                let q = eig.vectors();
+                let q: Vec<f64> = (0..n * n).map(|idx| q[(idx % n, idx / n)]).collect();
+                (q, eig.values)
+            })
+        });
+        match solved {
+            Some((q, values)) => {
                 m.write(a, &q);
-                m.write(w, &eig.values);
+                m.write(w, &values);
                 m.set(info, 0, 0i32);
             }
             None => m.set(info, 0, 1i32),
