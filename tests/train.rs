@@ -132,4 +132,19 @@ fn bad_inputs_are_errors_naming_the_problem() {
         .err()
         .unwrap();
     assert!(e.to_string().contains("batch"), "{e}");
+
+    // A misspelt model key is an error naming it, not a silent default.
+    let toml = tempfile::NamedTempFile::new().unwrap();
+    let text = "steps = 10\n[optimizer]\nkind = \"adamw\"\nlr = 0.001\n\
+        [model]\nvocab_size = 65\nblock_size = 16\nn_layer = 1\nn_head = 1\nn_embd = 8\nqk_norms = true\n";
+    std::fs::write(toml.path(), text).unwrap();
+    let e = TrainConfig::from_toml_file(toml.path()).unwrap_err();
+    assert!(e.to_string().contains("qk_norms"), "{e}");
+    std::fs::write(toml.path(), text.replace("qk_norms", "qk_norm")).unwrap();
+    assert!(
+        TrainConfig::from_toml_file(toml.path())
+            .unwrap()
+            .model
+            .qk_norm
+    );
 }

@@ -31,6 +31,7 @@ pub enum Norm {
 /// c.validate().unwrap();
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GptConfig {
     /// Vocabulary size `V`.
     pub vocab_size: usize,
