@@ -197,6 +197,20 @@ pub(crate) fn square_in<'s, T: Real>(
     stack.make_aligned_with(n * n, ALIGN, |k| f(k % n, k / n))
 }
 
+/// Workspace for a buffer of `len` values of `T`.
+pub(crate) fn buffer_scratch<T>(len: usize) -> StackReq {
+    StackReq::new_aligned::<T>(len, ALIGN)
+}
+
+/// A buffer of `len` values in the workspace, value `k` from `f`.
+pub(crate) fn buffer_in<'s, T: Real>(
+    len: usize,
+    stack: &'s mut MemStack,
+    f: impl Fn(usize) -> T,
+) -> (DynArray<'s, T>, &'s mut MemStack) {
+    stack.make_aligned_with(len, ALIGN, f)
+}
+
 /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix,
 /// the vectors in a workspace.
 pub(crate) struct SymEigen<'s, T> {

@@ -82,21 +82,24 @@ impl Block {
         })
     }
 
-    /// Copies the block's elements of `x` out, in row-major block order.
-    fn gather<A: Copy, B>(&self, x: &[A], f: impl Fn(A) -> B) -> Vec<B> {
-        let len = self.dims[self.dims.len() - 1];
-        let mut out = Vec::with_capacity(self.numel());
-        for at in self.runs() {
-            out.extend(x[at..at + len].iter().map(|&v| f(v)));
-        }
-        out
+    /// Length of each contiguous run (the block's last dim).
+    fn run_len(&self) -> usize {
+        self.dims[self.dims.len() - 1]
     }
 
-    /// Writes `values` (row-major block order) back into `x`.
-    fn scatter<A: Copy>(&self, x: &mut [A], values: &[A]) {
-        let len = self.dims[self.dims.len() - 1];
-        for (r, at) in self.runs().enumerate() {
-            x[at..at + len].copy_from_slice(&values[r * len..(r + 1) * len]);
+    /// Number of contiguous runs.
+    fn run_count(&self) -> usize {
+        self.numel() / self.run_len()
+    }
+
+    /// Writes the block's elements of `x`, mapped by `f`, into `out`, in
+    /// row-major block order.
+    fn gather_into<A: Copy, B>(&self, x: &[A], out: &mut [B], f: impl Fn(A) -> B) {
+        let len = self.run_len();
+        for (at, o) in self.runs().zip(out.chunks_exact_mut(len)) {
+            for (o, &v) in o.iter_mut().zip(&x[at..at + len]) {
+                *o = f(v);
+            }
         }
     }
 
@@ -153,14 +156,6 @@ pub(crate) fn initial_state<T: Real>(shape: &[usize], max_dim: usize) -> Vec<Vec
     linalg::matrix_state(numel, roots)
 }
 
-/// One block's new values, written back by [`step`].
-struct BlockOut<T> {
-    param: Vec<T>,
-    exp_avg: Vec<T>,
-    graft: Vec<T>,
-    sums: Sums,
-}
-
 /// Each block's share of a factor-length slot (factors or roots), in block
 /// order.
 fn per_block<'a, T>(blocks: &[Block], mut slot: &'a mut [T]) -> Vec<&'a mut [T]> {
@@ -171,6 +166,37 @@ fn per_block<'a, T>(blocks: &[Block], mut slot: &'a mut [T]) -> Vec<&'a mut [T]>
         slot = rest;
     }
     out
+}
+
+/// `x` split into each block's contiguous runs, in block order and, within
+/// a block, run order. The blocks tile the tensor, so the runs are disjoint
+/// and every block can update its own elements in parallel.
+fn block_runs<'a, A>(blocks: &[Block], x: &'a mut [A]) -> Vec<Vec<&'a mut [A]>> {
+    let mut order: Vec<(usize, usize, usize)> = blocks
+        .iter()
+        .enumerate()
+        .flat_map(|(b, block)| block.runs().enumerate().map(move |(r, at)| (at, b, r)))
+        .collect();
+    order.sort_unstable();
+    let mut out: Vec<Vec<Option<&'a mut [A]>>> = blocks
+        .iter()
+        .map(|b| (0..b.run_count()).map(|_| None).collect())
+        .collect();
+    let (mut rest, mut pos) = (x, 0);
+    for (at, b, r) in order {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - pos);
+        let (run, tail) = tail.split_at_mut(blocks[b].run_len());
+        out[b][r] = Some(run);
+        rest = tail;
+        pos = at + blocks[b].run_len();
+    }
+    out.into_iter()
+        .map(|runs| {
+            runs.into_iter()
+                .map(|r| r.expect("the blocks tile the tensor"))
+                .collect()
+        })
+        .collect()
 }
 
 /// (E1) for one tensor: every block's factors decay by `beta2` and gain the
@@ -192,7 +218,8 @@ pub(crate) fn accumulate<T: Real, G: GradElem<T>, P: GradTransform<T>>(
         .par_iter()
         .zip(per_block(&blocks, &mut state[FACTORS]).into_par_iter())
         .for_each(|(block, l)| {
-            let gb = block.gather(g, |x| prep.apply(x.get()));
+            let mut gb = vec![T::zero(); block.numel()];
+            block.gather_into(g, &mut gb, |x| prep.apply(x.get()));
             let dims = &block.dims;
             let mut factors = Vec::with_capacity(dims.len());
             let mut rest = l;
@@ -323,47 +350,57 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
 ) -> Sums {
     let blocks = blocks(shape, c.max_preconditioner_dim);
     let (moments, matrices) = state.split_at_mut(FACTORS);
-    let root_chunks = per_block(&blocks, &mut matrices[ROOTS - FACTORS]);
-    let (p_in, m_in, v_in) = (&*p, &moments[M][..], &moments[V][..]);
-    let outs: Vec<BlockOut<T>> = blocks
+    let roots = per_block(&blocks, &mut matrices[ROOTS - FACTORS]);
+    let (m, v) = moments.split_at_mut(V);
+    let runs = block_runs(&blocks, p)
+        .into_iter()
+        .zip(block_runs(&blocks, &mut m[M]))
+        .zip(block_runs(&blocks, &mut v[0]));
+    let per_block_sums: Vec<Sums> = blocks
         .par_iter()
-        .zip(root_chunks.into_par_iter())
-        .map(|(block, r)| {
-            let gb = block.gather(g, |x| prep.apply(x.get()));
-            let wb = block.gather(p_in, |x| x);
-            let mb = block.gather(m_in, |x| x);
-            let vb = block.gather(v_in, |x| x);
-            block_step(c, t, (lr, wd), block, &gb, wb, mb, vb, r)
+        .zip(roots.into_par_iter())
+        .zip(runs.collect::<Vec<_>>().into_par_iter())
+        .map(|((block, r), ((p, m), v))| {
+            block_step(c, t, (lr, wd), block, (prep, g), BlockRuns { p, m, v }, r)
         })
         .collect();
     let mut sums = Sums::default();
-    for (block, out) in blocks.iter().zip(outs) {
-        block.scatter(p, &out.param);
-        block.scatter(&mut moments[M], &out.exp_avg);
-        block.scatter(&mut moments[V], &out.graft);
-        sums.param_sq += out.sums.param_sq;
-        sums.update_sq += out.sums.update_sq;
+    for s in per_block_sums {
+        sums.param_sq += s.param_sq;
+        sums.update_sq += s.update_sq;
     }
     sums
 }
 
-/// SHAMPOO.md (E3)-(E10) for one block: `gb` is the (clipped) gradient, `wb`,
-/// `mb`, `vb` the block's parameters, first moment and graft accumulator;
-/// `r` its inverse roots, one `n_j x n_j` matrix per dim.
-#[allow(clippy::too_many_arguments)]
-fn block_step<T: Real>(
+/// One block's runs of the parameter, first moment and graft accumulator.
+struct BlockRuns<'a, T> {
+    p: Vec<&'a mut [T]>,
+    m: Vec<&'a mut [T]>,
+    v: Vec<&'a mut [T]>,
+}
+
+/// SHAMPOO.md (E3)-(E10) for one block, in place on its runs of the
+/// parameter and moments: `g` is the tensor's gradient and `prep` its clip;
+/// `r` the block's inverse roots, one `n_j x n_j` matrix per dim. The
+/// block-sized buffers (the direction and its mode products) live in the
+/// thread's workspace.
+fn block_step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     c: &ShampooConfig,
     t: u64,
     (lr, wd): (f64, f64),
     block: &Block,
-    gb: &[T],
-    mut wb: Vec<T>,
-    mut mb: Vec<T>,
-    mut vb: Vec<T>,
+    (prep, g): (&P, &[G]),
+    runs: BlockRuns<'_, T>,
     r: &[T],
-) -> BlockOut<T> {
+) -> Sums {
+    let BlockRuns {
+        p: mut p_runs,
+        m: mut m_runs,
+        v: mut v_runs,
+    } = runs;
     let graft_only = t < c.start_step() && c.grafting != Grafting::None;
     let dims = &block.dims;
+    let (numel, len) = (block.numel(), block.run_len());
     let mut roots: Vec<&[T]> = Vec::with_capacity(dims.len());
     let mut rest = r;
     for &n in dims {
@@ -371,97 +408,100 @@ fn block_step<T: Real>(
         roots.push(rj);
         rest = rr;
     }
-
-    // (E3) graft accumulator, (E5) first moment.
-    let one = T::one();
-    let bc1 = T::from_f64x(if c.use_bias_correction {
-        1.0 - c.beta1.powf(t as f64)
-    } else {
-        1.0
-    });
-    let beta1 = T::from_f64x(c.beta1);
-    let mut g_hat = Vec::with_capacity(gb.len());
-    for ((&gi, v), m) in gb.iter().zip(vb.iter_mut()).zip(mb.iter_mut()) {
-        match c.grafting {
-            Grafting::None => {}
-            Grafting::Adagrad { .. } => *v += gi * gi,
-            Grafting::Adam { beta2, .. } => {
-                let b2 = T::from_f64x(beta2);
-                *v = b2 * *v + (one - b2) * gi * gi;
+    let buffer = linalg::buffer_scratch::<T>(numel);
+    let req = buffer.and(buffer).and(buffer);
+    linalg::with_workspace(req, |stack| {
+        // (E3) graft accumulator, (E5) first moment; `g_hat` in block order.
+        let one = T::one();
+        let bc1 = T::from_f64x(if c.use_bias_correction {
+            1.0 - c.beta1.powf(t as f64)
+        } else {
+            1.0
+        });
+        let beta1 = T::from_f64x(c.beta1);
+        let (mut g_hat, stack) = linalg::buffer_in(numel, stack, |_| T::zero());
+        let g_runs = block.runs().map(|at| &g[at..at + len]);
+        let out = g_hat.chunks_exact_mut(len);
+        for (((gr, mr), vr), out) in g_runs.zip(&mut m_runs).zip(&mut v_runs).zip(out) {
+            for (((gx, m), v), gh) in gr.iter().zip(mr.iter_mut()).zip(vr.iter_mut()).zip(out) {
+                let gi = prep.apply(gx.get());
+                match c.grafting {
+                    Grafting::None => {}
+                    Grafting::Adagrad { .. } => *v += gi * gi,
+                    Grafting::Adam { beta2, .. } => {
+                        let b2 = T::from_f64x(beta2);
+                        *v = b2 * *v + (one - b2) * gi * gi;
+                    }
+                }
+                if c.beta1 == 0.0 {
+                    *gh = gi;
+                } else {
+                    *m = beta1 * *m + (one - beta1) * gi;
+                    *gh = *m / bc1;
+                }
             }
         }
-        if c.beta1 == 0.0 {
-            g_hat.push(gi);
+        // (E6) graft direction.
+        let graft_len = if c.grafting == Grafting::None {
+            0
         } else {
-            *m = beta1 * *m + (one - beta1) * gi;
-            g_hat.push(*m / bc1);
+            numel
+        };
+        let (mut graft, stack) = linalg::buffer_in(graft_len, stack, |_| T::zero());
+        let (eps, bc2) = match c.grafting {
+            Grafting::None => (0.0, 1.0),
+            Grafting::Adagrad { eps } => (eps, 1.0),
+            Grafting::Adam { beta2, eps } => (eps, 1.0 - beta2.powf(t as f64)),
+        };
+        let (eps, bc2) = (T::from_f64x(eps), T::from_f64x(bc2));
+        let adam = matches!(c.grafting, Grafting::Adam { .. });
+        for ((vr, gh), dg) in v_runs
+            .iter()
+            .zip(g_hat.chunks_exact(len))
+            .zip(graft.chunks_exact_mut(len))
+        {
+            for ((&v, &gh), dg) in vr.iter().zip(gh).zip(dg) {
+                let v = if adam { v / bc2 } else { v };
+                *dg = gh / (v.sqrt() + eps);
+            }
         }
-    }
-    // (E6) graft direction.
-    let graft: Option<Vec<T>> = match c.grafting {
-        Grafting::None => None,
-        Grafting::Adagrad { eps } => {
-            let eps = T::from_f64x(eps);
-            Some(
-                g_hat
-                    .iter()
-                    .zip(&vb)
-                    .map(|(&gh, &v)| gh / (v.sqrt() + eps))
-                    .collect(),
-            )
-        }
-        Grafting::Adam { beta2, eps } => {
-            let bc2 = T::from_f64x(1.0 - beta2.powf(t as f64));
-            let eps = T::from_f64x(eps);
-            Some(
-                g_hat
-                    .iter()
-                    .zip(&vb)
-                    .map(|(&gh, &v)| gh / ((v / bc2).sqrt() + eps))
-                    .collect(),
-            )
-        }
-    };
-    // (E7)-(E8) direction.
-    let delta = match (graft, graft_only) {
-        (Some(dg), true) => dg,
-        (graft, _) => {
-            let mut d = g_hat;
-            let mut scratch = vec![T::zero(); d.len()];
+        // (E7)-(E8) direction.
+        let (mut scratch, _) = linalg::buffer_in(numel, stack, |_| T::zero());
+        let delta: &[T] = if graft_only {
+            &graft
+        } else {
+            let (mut d, mut spare) = (&mut g_hat[..], &mut scratch[..]);
             for (j, rj) in roots.iter().enumerate() {
                 let n = dims[j];
-                linalg::mode_product(&mut scratch, &d, dims, j, linalg::view(rj, n, n));
-                std::mem::swap(&mut d, &mut scratch);
+                linalg::mode_product(spare, d, dims, j, linalg::view(rj, n, n));
+                std::mem::swap(&mut d, &mut spare);
             }
-            if let Some(dg) = graft {
+            if graft_len > 0 {
                 let norm = |x: &[T]| {
                     x.iter()
                         .map(|v| v.to_f64x() * v.to_f64x())
                         .sum::<f64>()
                         .sqrt()
                 };
-                let scale = T::from_f64x(norm(&dg) / (norm(&d) + 1e-16));
+                let scale = T::from_f64x(norm(&graft) / (norm(d) + 1e-16));
                 d.iter_mut().for_each(|x| *x *= scale);
             }
             d
+        };
+        // (E9)-(E10) decoupled weight decay and the update.
+        let (lr, wd) = (T::from_f64x(lr), T::from_f64x(wd));
+        let mut sums = Sums::default();
+        for (pr, dr) in p_runs.iter_mut().zip(delta.chunks_exact(len)) {
+            for (w, &d) in pr.iter_mut().zip(dr) {
+                let old = *w;
+                *w = old - lr * (d + wd * old);
+                let change = (*w - old).to_f64x();
+                sums.param_sq += old.to_f64x() * old.to_f64x();
+                sums.update_sq += change * change;
+            }
         }
-    };
-    // (E9)-(E10) decoupled weight decay and the update.
-    let (lr, wd) = (T::from_f64x(lr), T::from_f64x(wd));
-    let mut sums = Sums::default();
-    for (w, &d) in wb.iter_mut().zip(&delta) {
-        let old = *w;
-        *w = old - lr * (d + wd * old);
-        let change = (*w - old).to_f64x();
-        sums.param_sq += old.to_f64x() * old.to_f64x();
-        sums.update_sq += change * change;
-    }
-    BlockOut {
-        param: wb,
-        exp_avg: mb,
-        graft: vb,
-        sums,
-    }
+        sums
+    })
 }
 
 /// One inverse root to compute (SHAMPOO.md E2-E4): factor order `n`, the
