@@ -183,20 +183,6 @@ pub(crate) fn with_workspace<R>(req: StackReq, f: impl FnOnce(&mut MemStack) -> 
 /// Alignment of workspace matrices: a cache line, as faer's own.
 const ALIGN: usize = 64;
 
-/// Workspace for an `n x n` matrix of `T`.
-pub(crate) fn square_scratch<T>(n: usize) -> StackReq {
-    StackReq::new_aligned::<T>(n * n, ALIGN)
-}
-
-/// An `n x n` column-major matrix in the workspace, entry `(i, j)` from `f`.
-pub(crate) fn square_in<'s, T: Real>(
-    n: usize,
-    stack: &'s mut MemStack,
-    f: impl Fn(usize, usize) -> T,
-) -> (DynArray<'s, T>, &'s mut MemStack) {
-    stack.make_aligned_with(n * n, ALIGN, |k| f(k % n, k / n))
-}
-
 /// Workspace for a buffer of `len` values of `T`.
 pub(crate) fn buffer_scratch<T>(len: usize) -> StackReq {
     StackReq::new_aligned::<T>(len, ALIGN)
@@ -209,6 +195,20 @@ pub(crate) fn buffer_in<'s, T: Real>(
     f: impl Fn(usize) -> T,
 ) -> (DynArray<'s, T>, &'s mut MemStack) {
     stack.make_aligned_with(len, ALIGN, f)
+}
+
+/// Workspace for an `n x n` matrix of `T`.
+pub(crate) fn square_scratch<T>(n: usize) -> StackReq {
+    buffer_scratch::<T>(n * n)
+}
+
+/// An `n x n` column-major matrix in the workspace, entry `(i, j)` from `f`.
+pub(crate) fn square_in<'s, T: Real>(
+    n: usize,
+    stack: &'s mut MemStack,
+    f: impl Fn(usize, usize) -> T,
+) -> (DynArray<'s, T>, &'s mut MemStack) {
+    buffer_in(n * n, stack, |k| f(k % n, k / n))
 }
 
 /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix,
@@ -232,7 +232,7 @@ impl<T: Real> SymEigen<'_, T> {
 /// Workspace of [`sym_eigen`] for order `n`.
 pub(crate) fn sym_eigen_scratch<T: Real>(n: usize) -> StackReq {
     square_scratch::<T>(n)
-        .and(StackReq::new_aligned::<T>(n, ALIGN))
+        .and(buffer_scratch::<T>(n))
         .and(evd::self_adjoint_evd_scratch::<T>(
             n,
             ComputeEigenvectors::Yes,
@@ -253,7 +253,7 @@ pub(crate) fn sym_eigen<'s, T: Real>(
         return (None, stack);
     }
     let (mut vectors, stack) = square_in(n, stack, |_, _| T::zero());
-    let (mut values, stack) = stack.make_aligned_with(n, ALIGN, |_| T::zero());
+    let (mut values, stack) = buffer_in(n, stack, |_| T::zero());
     let solved = evd::self_adjoint_evd(
         a,
         DiagMut::from_slice_mut(&mut values),

@@ -168,22 +168,32 @@ fn per_block<'a, T>(blocks: &[Block], mut slot: &'a mut [T]) -> Vec<&'a mut [T]>
     out
 }
 
-/// `x` split into each block's contiguous runs, in block order and, within
-/// a block, run order. The blocks tile the tensor, so the runs are disjoint
-/// and every block can update its own elements in parallel.
-fn block_runs<'a, A>(blocks: &[Block], x: &'a mut [A]) -> Vec<Vec<&'a mut [A]>> {
+/// Every run of every block as `(flat start, block, run)`, by start. The
+/// blocks tile the tensor, so consecutive runs are disjoint.
+fn run_order(blocks: &[Block]) -> Vec<(usize, usize, usize)> {
     let mut order: Vec<(usize, usize, usize)> = blocks
         .iter()
         .enumerate()
         .flat_map(|(b, block)| block.runs().enumerate().map(move |(r, at)| (at, b, r)))
         .collect();
     order.sort_unstable();
+    order
+}
+
+/// `x` split into each block's contiguous runs (`order` from
+/// [`run_order`]), in block order and, within a block, run order, so every
+/// block can update its own elements in parallel.
+fn block_runs<'a, A>(
+    blocks: &[Block],
+    order: &[(usize, usize, usize)],
+    x: &'a mut [A],
+) -> Vec<Vec<&'a mut [A]>> {
     let mut out: Vec<Vec<Option<&'a mut [A]>>> = blocks
         .iter()
         .map(|b| (0..b.run_count()).map(|_| None).collect())
         .collect();
     let (mut rest, mut pos) = (x, 0);
-    for (at, b, r) in order {
+    for &(at, b, r) in order {
         let (_, tail) = std::mem::take(&mut rest).split_at_mut(at - pos);
         let (run, tail) = tail.split_at_mut(blocks[b].run_len());
         out[b][r] = Some(run);
@@ -352,10 +362,11 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     let (moments, matrices) = state.split_at_mut(FACTORS);
     let roots = per_block(&blocks, &mut matrices[ROOTS - FACTORS]);
     let (m, v) = moments.split_at_mut(V);
-    let runs = block_runs(&blocks, p)
+    let order = run_order(&blocks);
+    let runs = block_runs(&blocks, &order, p)
         .into_iter()
-        .zip(block_runs(&blocks, &mut m[M]))
-        .zip(block_runs(&blocks, &mut v[0]));
+        .zip(block_runs(&blocks, &order, &mut m[M]))
+        .zip(block_runs(&blocks, &order, &mut v[0]));
     let per_block_sums: Vec<Sums> = blocks
         .par_iter()
         .zip(roots.into_par_iter())
