@@ -202,13 +202,39 @@ pub(crate) fn square_scratch<T>(n: usize) -> StackReq {
     buffer_scratch::<T>(n * n)
 }
 
-/// An `n x n` column-major matrix in the workspace, entry `(i, j)` from `f`.
+/// An `n x n` column-major matrix in the workspace, zeroed, then column `j`
+/// (a contiguous slice of `n` values) filled by `fill(j, column)`. Filling
+/// whole columns keeps the writes and the sources' reads sequential: a
+/// per-entry closure over a flat index costs an integer division per entry
+/// and, reading a row-major source, a cache miss per entry at order 1024.
 pub(crate) fn square_in<'s, T: Real>(
     n: usize,
     stack: &'s mut MemStack,
-    f: impl Fn(usize, usize) -> T,
+    fill: impl Fn(usize, &mut [T]),
 ) -> (DynArray<'s, T>, &'s mut MemStack) {
-    buffer_in(n * n, stack, |k| f(k % n, k / n))
+    let (mut m, stack) = buffer_in(n * n, stack, |_| T::zero());
+    if n > 0 {
+        for (j, column) in m.chunks_exact_mut(n).enumerate() {
+            fill(j, column);
+        }
+    }
+    (m, stack)
+}
+
+/// Fills `column` with column `j` of the symmetric `n x n` matrix stored
+/// row-major in `sym`, mapped by `f`: row `j` read in order, which is column
+/// `j` because the matrix is symmetric (the optimizers' factors are kept
+/// exactly symmetric: their lower triangle is computed, then mirrored).
+pub(crate) fn symmetric_column<S: Copy, T>(
+    sym: &[S],
+    j: usize,
+    column: &mut [T],
+    f: impl Fn(S) -> T,
+) {
+    let n = column.len();
+    for (c, &x) in column.iter_mut().zip(&sym[j * n..(j + 1) * n]) {
+        *c = f(x);
+    }
 }
 
 /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix,
@@ -252,7 +278,7 @@ pub(crate) fn sym_eigen<'s, T: Real>(
     if (0..n).any(|j| (j..n).any(|i| !a[(i, j)].is_finite())) {
         return (None, stack);
     }
-    let (mut vectors, stack) = square_in(n, stack, |_, _| T::zero());
+    let (mut vectors, stack) = square_in(n, stack, |_, _| {});
     let (mut values, stack) = buffer_in(n, stack, |_| T::zero());
     let solved = evd::self_adjoint_evd(
         a,
@@ -289,8 +315,11 @@ pub(crate) fn spectral_apply<E: Real, T: Real>(
         return false;
     }
     let q = eig.vectors();
-    let (q_scaled, stack) = square_in(n, stack, |a, i| {
-        T::from_f64x(q[(a, i)].to_f64x() * scale[i])
+    let q_column = |i: usize| &eig.vectors[i * n..(i + 1) * n];
+    let (q_scaled, stack) = square_in(n, stack, |i, column| {
+        for (c, &x) in column.iter_mut().zip(q_column(i)) {
+            *c = T::from_f64x(x.to_f64x() * scale[i]);
+        }
     });
     // The eigenvectors as they are when already in `T` (no copy).
     let converted;
@@ -300,7 +329,12 @@ pub(crate) fn spectral_apply<E: Real, T: Real>(
             MatRef::from_raw_parts(q.as_ptr().cast::<T>(), n, n, q.row_stride(), q.col_stride())
         }
     } else {
-        converted = square_in(n, stack, |a, i| T::from_f64x(q[(a, i)].to_f64x())).0;
+        converted = square_in(n, stack, |i, column| {
+            for (c, &x) in column.iter_mut().zip(q_column(i)) {
+                *c = T::from_f64x(x.to_f64x());
+            }
+        })
+        .0;
         MatRef::from_column_major_slice(&converted, n, n)
     };
     matmul_lower(

@@ -536,9 +536,10 @@ impl RootSpec {
             .and(linalg::square_scratch::<T>(n))
             .and(linalg::spectral_apply_scratch::<T>(n));
         linalg::with_workspace(req, |stack| {
-            let (a, stack) = linalg::square_in(n, stack, |a, b| {
-                let diag = if a == b { self.epsilon } else { 0.0 };
-                E::from_f64x(l[a * n + b].to_f64x() / self.bias2 + diag)
+            let (a, stack) = linalg::square_in(n, stack, |j, column| {
+                linalg::symmetric_column(l, j, column, |x| E::from_f64x(x.to_f64x() / self.bias2));
+                // Rounded once, as `l / bias2 + epsilon` in f64.
+                column[j] = E::from_f64x(l[j * n + j].to_f64x() / self.bias2 + self.epsilon);
             });
             let (eig, stack) = linalg::sym_eigen(MatRef::from_column_major_slice(&a, n, n), stack);
             let Some(eig) = eig else {
@@ -550,7 +551,7 @@ impl RootSpec {
             } else {
                 0.0
             };
-            let (mut fresh, stack) = linalg::square_in(n, stack, |_, _| T::zero());
+            let (mut fresh, stack) = linalg::square_in(n, stack, |_, _| {});
             let exponent = -1.0 / self.r as f64;
             if !linalg::spectral_apply(&eig, |m| (m + shift).powf(exponent), &mut fresh, stack) {
                 return false;

@@ -165,7 +165,9 @@ fn rotate<T: Real>(
 fn eigenbasis<T: Real>(l: &[T], n: usize, basis: &mut [T]) -> bool {
     let req = linalg::square_scratch::<f64>(n).and(linalg::sym_eigen_scratch::<f64>(n));
     linalg::with_workspace(req, |stack| {
-        let (a, stack) = linalg::square_in(n, stack, |i, j| l[i * n + j].to_f64x());
+        let (a, stack) = linalg::square_in(n, stack, |j, column| {
+            linalg::symmetric_column(l, j, column, |x| x.to_f64x())
+        });
         let Some(eig) = linalg::sym_eigen(MatRef::from_column_major_slice(&a, n, n), stack).0
         else {
             return false;
