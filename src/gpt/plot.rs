@@ -1,21 +1,49 @@
 //! The spike lab's figures with `plotters`: loss curves and an update-ratio
-//! heatmap, as SVG (with axis labels) and PNG (no font is bundled, so the
-//! PNG carries the lines and colors only; the report names them).
+//! heatmap, as SVG or PNG, both with captions, axis labels and legends in a
+//! bundled font (a 20 KB subset of DejaVu Sans, `assets/fonts/`), so a
+//! figure looks the same on every machine, fonts installed or not.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{KeelError, Result};
 
 /// The file format of a figure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    /// Scalable vector graphics, with text.
+    /// Scalable vector graphics.
     Svg,
-    /// A bitmap, without text.
+    /// A bitmap.
     Png,
+}
+
+/// The figures' font: DejaVu Sans cut to Latin, Greek and a few marks
+/// (license and how it was cut: `assets/fonts/LICENSE-DejaVu.txt`).
+const FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
+
+/// Width in pixels of the loss figure's legend column.
+const LEGEND_WIDTH: u32 = 160;
+
+/// The family name the figures ask for (plotters' default for labels).
+const FAMILY: &str = "sans-serif";
+
+/// Registers [`FONT`] as [`FAMILY`] with plotters once per process; its
+/// text layout fails without a registered font.
+fn ensure_font() -> Result<()> {
+    static REGISTERED: OnceLock<bool> = OnceLock::new();
+    let ok = *REGISTERED
+        .get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(KeelError::Data(
+            "the bundled plot font could not be read".into(),
+        ))
+    }
 }
 
 const PALETTE: [(RGBColor, &str); 8] = [
@@ -46,16 +74,17 @@ pub fn loss_curves(
     ymax: f64,
     format: Format,
 ) -> Result<()> {
-    let size = (720, 420);
+    ensure_font()?;
+    let size = (840, 420);
     match format {
         Format::Svg => {
             let root = SVGBackend::new(path, size).into_drawing_area();
-            draw_curves(&root, series, ymax, true).map_err(|e| plot_err(path, e))?;
+            draw_curves(&root, series, ymax).map_err(|e| plot_err(path, e))?;
             root.present().map_err(|e| plot_err(path, e))
         }
         Format::Png => {
             let root = BitMapBackend::new(path, size).into_drawing_area();
-            draw_curves(&root, series, ymax, false).map_err(|e| plot_err(path, e))?;
+            draw_curves(&root, series, ymax).map_err(|e| plot_err(path, e))?;
             root.present().map_err(|e| plot_err(path, e))
         }
     }
@@ -78,7 +107,6 @@ fn draw_curves<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     series: &[(String, Vec<f64>)],
     ymax: f64,
-    text: bool,
 ) -> DrawResult<DB> {
     root.fill(&WHITE)?;
     let steps = series.iter().map(|s| s.1.len()).max().unwrap_or(1).max(1) as f64;
@@ -100,41 +128,38 @@ fn draw_curves<DB: DrawingBackend>(
         .fold(ymax, f64::min)
         .min(ymax - 0.5)
         - 0.1;
-    let mut builder = ChartBuilder::on(root);
-    builder.margin(12);
-    if text {
-        builder
-            .caption("training loss (5-step mean), seed 0", ("sans-serif", 18))
-            .x_label_area_size(36)
-            .y_label_area_size(48);
-    }
-    let mut chart = builder.build_cartesian_2d(0.0..steps, ymin..ymax)?;
-    if text {
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc("loss")
-            .light_line_style(WHITE)
-            .draw()?;
-    }
+    // The legend gets its own column at the right, off the curves.
+    let (width, _) = root.dim_in_pixel();
+    let (plot_area, legend_area) = root.split_horizontally(width.saturating_sub(LEGEND_WIDTH));
+    let mut chart = ChartBuilder::on(&plot_area)
+        .margin(12)
+        .caption("training loss (5-step mean), seed 0", (FAMILY, 18))
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d(0.0..steps, ymin..ymax)?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss")
+        .light_line_style(WHITE)
+        .draw()?;
     for (i, (name, losses)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()].0;
         let points: Vec<(f64, f64)> = smooth(losses, 5)
             .into_iter()
             .map(|(x, y)| (x, y.min(ymax)))
             .collect();
-        let s = chart.draw_series(LineSeries::new(points, color.stroke_width(1)))?;
-        if text {
-            s.label(name.as_str())
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
-        }
-    }
-    if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
+        chart.draw_series(LineSeries::new(points, color.stroke_width(1)))?;
+        let y = 48 + 22 * i as i32;
+        legend_area.draw(&PathElement::new(
+            vec![(4, y), (26, y)],
+            color.stroke_width(2),
+        ))?;
+        legend_area.draw(&Text::new(
+            name.as_str(),
+            (32, y),
+            TextStyle::from((FAMILY, 13).into_font()).pos(Pos::new(HPos::Left, VPos::Center)),
+        ))?;
     }
     Ok(())
 }
@@ -151,16 +176,17 @@ pub fn heatmap(
     format: Format,
 ) -> Result<()> {
     let size = (720, 60 + 40 * layers.len() as u32);
+    ensure_font()?;
     match format {
         Format::Svg => {
             let root = SVGBackend::new(path, size).into_drawing_area();
-            draw_heatmap(&root, layers, ratios, first_step, mark_step, true)
+            draw_heatmap(&root, layers, ratios, first_step, mark_step)
                 .map_err(|e| plot_err(path, e))?;
             root.present().map_err(|e| plot_err(path, e))
         }
         Format::Png => {
             let root = BitMapBackend::new(path, size).into_drawing_area();
-            draw_heatmap(&root, layers, ratios, first_step, mark_step, false)
+            draw_heatmap(&root, layers, ratios, first_step, mark_step)
                 .map_err(|e| plot_err(path, e))?;
             root.present().map_err(|e| plot_err(path, e))
         }
@@ -173,7 +199,6 @@ fn draw_heatmap<DB: DrawingBackend>(
     ratios: &[Vec<f64>],
     first_step: usize,
     mark_step: usize,
-    text: bool,
 ) -> DrawResult<DB> {
     root.fill(&WHITE)?;
     let logs: Vec<f64> = ratios
@@ -187,34 +212,39 @@ fn draw_heatmap<DB: DrawingBackend>(
     let span = if hi > lo { hi - lo } else { 1.0 };
     let x0 = first_step as f64;
     let x1 = (first_step + ratios.len()) as f64;
-    let mut builder = ChartBuilder::on(root);
-    builder.margin(12);
-    if text {
-        builder
-            .caption(
-                format!("log10 ||dw||/||w|| per layer ({lo:.1} dark .. {hi:.1} bright)"),
-                ("sans-serif", 16),
-            )
-            .x_label_area_size(30)
-            .y_label_area_size(60);
-    }
     let n = layers.len() as i32;
-    let mut chart = builder.build_cartesian_2d(x0..x1, (0..n).into_segmented())?;
-    if text {
-        let names = layers.to_vec();
-        chart
-            .configure_mesh()
-            .disable_mesh()
-            .x_desc("step")
-            .y_labels(layers.len())
-            .y_label_formatter(&move |y| match y {
-                SegmentValue::CenterOf(i) if *i >= 0 && (*i as usize) < names.len() => {
-                    names[*i as usize].clone()
-                }
-                _ => String::new(),
-            })
-            .draw()?;
-    }
+    let mut chart = ChartBuilder::on(root)
+        .margin(12)
+        .caption(
+            format!("log10 ||dw||/||w|| per layer ({lo:.1} dark .. {hi:.1} bright)"),
+            (FAMILY, 16),
+        )
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        // A segmented range `0..k` has k + 1 segments: `0..n - 1` gives the
+        // n layer rows and no empty one on top.
+        .build_cartesian_2d(x0..x1, (0..(n - 1).max(0)).into_segmented())?;
+    let names = layers.to_vec();
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("step")
+        .y_labels(layers.len())
+        .y_label_formatter(&move |y| match y {
+            SegmentValue::CenterOf(i) if *i >= 0 && (*i as usize) < names.len() => {
+                names[*i as usize].clone()
+            }
+            _ => String::new(),
+        })
+        .draw()?;
+    // The top edge of layer row `l`: the last row ends where the axis does.
+    let row_top = |l: i32| {
+        if l + 1 >= n {
+            SegmentValue::Last
+        } else {
+            SegmentValue::Exact(l + 1)
+        }
+    };
     chart.draw_series(ratios.iter().enumerate().flat_map(|(s, row)| {
         row.iter().enumerate().map(move |(l, &r)| {
             let v = if r > 0.0 && r.is_finite() {
@@ -225,10 +255,7 @@ fn draw_heatmap<DB: DrawingBackend>(
             let x = x0 + s as f64;
             let l = l as i32;
             Rectangle::new(
-                [
-                    (x, SegmentValue::Exact(l)),
-                    (x + 1.0, SegmentValue::Exact(l + 1)),
-                ],
+                [(x, SegmentValue::Exact(l)), (x + 1.0, row_top(l))],
                 ramp(v).filled(),
             )
         })
@@ -236,7 +263,7 @@ fn draw_heatmap<DB: DrawingBackend>(
     let m = mark_step as f64;
     for x in [m, m + 1.0] {
         chart.draw_series(std::iter::once(PathElement::new(
-            vec![(x, SegmentValue::Exact(0)), (x, SegmentValue::Exact(n))],
+            vec![(x, SegmentValue::Exact(0)), (x, SegmentValue::Last)],
             RED.stroke_width(2),
         )))?;
     }
@@ -258,4 +285,54 @@ fn ramp(v: f64) -> RGBColor {
     let (a, b) = (stops[i], stops[i + 1]);
     let mix = |x: f64, y: f64| (x + (y - x) * f).round() as u8;
     RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dark pixels (all channels below 100) of an RGB buffer `w` wide, in
+    /// columns `xs` and rows `ys`.
+    fn dark_pixels(
+        buf: &[u8],
+        w: u32,
+        xs: std::ops::Range<u32>,
+        ys: std::ops::Range<u32>,
+    ) -> usize {
+        ys.flat_map(|y| xs.clone().map(move |x| ((y * w + x) * 3) as usize))
+            .filter(|&i| buf[i..i + 3].iter().all(|&c| c < 100))
+            .count()
+    }
+
+    /// Draws the loss figure of one series named `name` into a bitmap.
+    fn loss_bitmap(name: &str) -> (Vec<u8>, u32) {
+        ensure_font().unwrap();
+        let (w, h) = (840u32, 420u32);
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        {
+            let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+            let losses: Vec<f64> = (0..50).map(|i| 4.0 - 0.02 * i as f64).collect();
+            draw_curves(&root, &[(name.to_string(), losses)], 5.0).unwrap();
+            root.present().unwrap();
+        }
+        (buf, w)
+    }
+
+    #[test]
+    fn bitmaps_carry_text_in_the_bundled_font() {
+        let (named, w) = loss_bitmap("adamw+guard");
+        let (unnamed, _) = loss_bitmap("");
+        // The legend column: the series' name is drawn right of its swatch.
+        let name_box = (w - LEGEND_WIDTH + 32..w, 38..58);
+        let with_name = dark_pixels(&named, w, name_box.0.clone(), name_box.1.clone());
+        let without = dark_pixels(&unnamed, w, name_box.0, name_box.1);
+        assert_eq!(without, 0, "an empty name left ink in the legend");
+        assert!(
+            with_name > 40,
+            "the legend name drew {with_name} dark pixels"
+        );
+        // The caption, centered over the plot.
+        let caption = dark_pixels(&named, w, 200..500, 0..30);
+        assert!(caption > 100, "the caption drew {caption} dark pixels");
+    }
 }
