@@ -464,16 +464,15 @@ fn block_step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
             Grafting::Adagrad { eps } => (eps, 1.0),
             Grafting::Adam { beta2, eps } => (eps, 1.0 - beta2.powf(t as f64)),
         };
+        // Adagrad's `bc2` is 1, and `v / 1` is `v` exactly.
         let (eps, bc2) = (T::from_f64x(eps), T::from_f64x(bc2));
-        let adam = matches!(c.grafting, Grafting::Adam { .. });
         for ((vr, gh), dg) in v_runs
             .iter()
             .zip(g_hat.chunks_exact(len))
             .zip(graft.chunks_exact_mut(len))
         {
             for ((&v, &gh), dg) in vr.iter().zip(gh).zip(dg) {
-                let v = if adam { v / bc2 } else { v };
-                *dg = gh / (v.sqrt() + eps);
+                *dg = gh / ((v / bc2).sqrt() + eps);
             }
         }
         // (E7)-(E8) direction.

@@ -538,8 +538,9 @@ impl MatrixDevice for Emulator {
         );
         let solved = linalg::with_workspace(linalg::sym_eigen_scratch::<f64>(n), |stack| {
             linalg::sym_eigen(mat.as_ref(), stack).0.map(|eig| {
+                // Column-major, as LAPACK writes it.
                 let q = eig.vectors();
-                let q: Vec<f64> = (0..n * n).map(|idx| q[(idx % n, idx / n)]).collect();
+                let q: Vec<f64> = (0..n).flat_map(|j| q.col(j).iter().copied()).collect();
                 (q, eig.values)
             })
         });
