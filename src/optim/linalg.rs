@@ -10,6 +10,7 @@
 
 use std::any::TypeId;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 use faer::diag::DiagMut;
 use faer::dyn_stack::{DynArray, MemBuffer, MemStack, StackReq};
@@ -87,14 +88,15 @@ pub(crate) fn matmul_lower<T: Real>(
 }
 
 /// Copies the lower triangle of the row-major `n x n` matrix `m` onto its
-/// upper triangle, in 64 x 64 tiles so the strided side of the copy stays in
-/// L1 (a plain column loop misses the cache on every element of a
-/// 1024-wide factor).
+/// upper triangle in 8 x 8 tiles, a column of tiles at a time: the eight
+/// source rows of a tile fit in one L1 set even at a power-of-two stride
+/// (larger tiles of a 1024-wide factor evict each other), and the source
+/// rows stay cached while their column of tiles is written.
 pub(crate) fn mirror_lower<T: Real>(m: &mut [T], n: usize) {
-    const TILE: usize = 64;
+    const TILE: usize = 8;
     assert_eq!(m.len(), n * n, "mirror_lower: buffer is not n x n");
-    for i0 in (0..n).step_by(TILE) {
-        for j0 in (i0..n).step_by(TILE) {
+    for j0 in (0..n).step_by(TILE) {
+        for i0 in (0..=j0).step_by(TILE) {
             for i in i0..(i0 + TILE).min(n) {
                 for j in (j0.max(i + 1))..(j0 + TILE).min(n) {
                     m[i * n + j] = m[j * n + i];
@@ -202,22 +204,31 @@ pub(crate) fn square_scratch<T>(n: usize) -> StackReq {
     buffer_scratch::<T>(n * n)
 }
 
-/// An `n x n` column-major matrix in the workspace, zeroed, then column `j`
-/// (a contiguous slice of `n` values) filled by `fill(j, column)`. Filling
-/// whole columns keeps the writes and the sources' reads sequential: a
-/// per-entry closure over a flat index costs an integer division per entry
-/// and, reading a row-major source, a cache miss per entry at order 1024.
-pub(crate) fn square_in<'s, T: Real>(
+/// An `n x n` column-major matrix in the workspace, column `j` (a
+/// contiguous slice of `n` values) zeroed then filled by `fill(j, column)`.
+/// Filling whole columns keeps the writes and the sources' reads
+/// sequential: a per-entry closure over a flat index costs an integer
+/// division per entry and, reading a row-major source, a cache miss per
+/// entry at order 1024. Each column is zeroed just before its fill, while
+/// it is in L1, rather than the whole matrix in a separate pass through
+/// memory.
+pub(crate) fn square_in<T: Real>(
     n: usize,
-    stack: &'s mut MemStack,
+    stack: &mut MemStack,
     fill: impl Fn(usize, &mut [T]),
-) -> (DynArray<'s, T>, &'s mut MemStack) {
-    let (mut m, stack) = buffer_in(n * n, stack, |_| T::zero());
+) -> (&mut [T], &mut MemStack) {
+    let (raw, stack) = stack.make_aligned_uninit::<T>(n * n, ALIGN);
     if n > 0 {
-        for (j, column) in m.chunks_exact_mut(n).enumerate() {
-            fill(j, column);
+        for (j, column) in raw.chunks_exact_mut(n).enumerate() {
+            column.fill(MaybeUninit::new(T::zero()));
+            // SAFETY: every element of `column` was just written.
+            fill(j, unsafe {
+                &mut *(column as *mut [MaybeUninit<T>] as *mut [T])
+            });
         }
     }
+    // SAFETY: every element was written, column by column, above.
+    let m = unsafe { &mut *(raw as *mut [MaybeUninit<T>] as *mut [T]) };
     (m, stack)
 }
 
@@ -235,6 +246,20 @@ pub(crate) fn symmetric_column<S: Copy, T>(
     for (c, &x) in column.iter_mut().zip(&sym[j * n..(j + 1) * n]) {
         *c = f(x);
     }
+}
+
+/// Whether the lower triangle of the square `a` is finite. Contiguous
+/// columns are checked as slices (`0 * x` is NaN exactly when `x` is not
+/// finite, and a sum without early exit vectorizes), others entry by entry.
+fn lower_is_finite<T: Real>(a: MatRef<'_, T>) -> bool {
+    let n = a.nrows();
+    (0..n).all(|j| match a.col(j).try_as_col_major() {
+        Some(column) => {
+            let below = &column.as_slice()[j..];
+            below.iter().filter(|x| !x.is_finite()).count() == 0
+        }
+        None => (j..n).all(|i| a[(i, j)].is_finite()),
+    })
 }
 
 /// Eigenvalues (ascending) and eigenvectors (columns) of a symmetric matrix,
@@ -275,10 +300,10 @@ pub(crate) fn sym_eigen<'s, T: Real>(
     stack: &'s mut MemStack,
 ) -> (Option<SymEigen<'s, T>>, &'s mut MemStack) {
     let n = a.nrows();
-    if (0..n).any(|j| (j..n).any(|i| !a[(i, j)].is_finite())) {
+    if !lower_is_finite(a) {
         return (None, stack);
     }
-    let (mut vectors, stack) = square_in(n, stack, |_, _| {});
+    let (mut vectors, stack) = buffer_in(n * n, stack, |_| T::zero());
     let (mut values, stack) = buffer_in(n, stack, |_| T::zero());
     let solved = evd::self_adjoint_evd(
         a,
@@ -301,8 +326,15 @@ pub(crate) fn spectral_apply_scratch<T>(n: usize) -> StackReq {
 }
 
 /// `Q diag(f(mu)) Q^T` in precision `T`, written row-major into `out`
-/// (`n x n`); `false` (and `out` unspecified) when a value is not finite.
-/// The eigenvectors may be in another precision `E` (f64 for Shampoo).
+/// (`n x n`); `false`, with `out` untouched, when a scale `f(mu)` is not
+/// finite or could overflow `T`, or an eigenvector is not finite. The
+/// eigenvectors may be in another precision `E` (f64 for Shampoo).
+///
+/// The checks come first so that callers can write into the matrix they
+/// keep: with orthonormal `Q`, every entry is a weighted mean-like sum
+/// `sum_k q_ik s_k q_jk` bounded by `max |s_k|` (Cauchy-Schwarz), so finite
+/// vectors and scales below a quarter of `T`'s largest value give a finite
+/// result.
 pub(crate) fn spectral_apply<E: Real, T: Real>(
     eig: &SymEigen<'_, E>,
     f: impl Fn(f64) -> f64,
@@ -311,7 +343,12 @@ pub(crate) fn spectral_apply<E: Real, T: Real>(
 ) -> bool {
     let n = eig.values.len();
     let scale: Vec<f64> = eig.values.iter().map(|&m| f(m)).collect();
-    if scale.iter().any(|s| !s.is_finite()) {
+    let bound = T::max_value().to_f64x() / 4.0;
+    // `is_finite` first: a NaN scale fails no comparison.
+    if scale.iter().any(|s| !s.is_finite() || s.abs() > bound) {
+        return false;
+    }
+    if eig.vectors.iter().filter(|x| !x.is_finite()).count() > 0 {
         return false;
     }
     let q = eig.vectors();
@@ -335,16 +372,95 @@ pub(crate) fn spectral_apply<E: Real, T: Real>(
             }
         })
         .0;
-        MatRef::from_column_major_slice(&converted, n, n)
+        MatRef::from_column_major_slice(converted, n, n)
     };
     matmul_lower(
         view_mut(out, n, n),
         Accum::Replace,
-        MatRef::from_column_major_slice(&q_scaled, n, n),
+        MatRef::from_column_major_slice(q_scaled, n, n),
         q_t.transpose(),
         T::one(),
         Par::Seq,
     );
     mirror_lower(out, n);
-    out.iter().all(|x| x.is_finite())
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_lower_copies_every_lower_entry_to_its_transpose() {
+        for n in [0, 1, 7, 8, 9, 17, 24, 33] {
+            let original: Vec<f64> = (0..n * n).map(|k| k as f64).collect();
+            let mut m = original.clone();
+            mirror_lower(&mut m, n);
+            for i in 0..n {
+                for j in 0..n {
+                    let from = if j <= i { i * n + j } else { j * n + i };
+                    assert_eq!(m[i * n + j], original[from], "n {n}, entry ({i}, {j})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lower_is_finite_reads_only_the_lower_triangle() {
+        for n in [1, 5, 16] {
+            for layout_col_major in [true, false] {
+                for (i, j) in [(0, 0), (n - 1, 0), (n - 1, n - 1), (n / 2, n / 3)] {
+                    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                        let mut m = vec![1.0f32; n * n];
+                        // Entry (i, j) of the lower triangle, in storage.
+                        let at = |i: usize, j: usize| {
+                            if layout_col_major {
+                                j * n + i
+                            } else {
+                                i * n + j
+                            }
+                        };
+                        m[at(i, j)] = bad;
+                        let view = if layout_col_major {
+                            MatRef::from_column_major_slice(&m, n, n)
+                        } else {
+                            MatRef::from_row_major_slice(&m, n, n)
+                        };
+                        assert!(!lower_is_finite(view), "n {n}, ({i}, {j}) = {bad}");
+                        if i != j {
+                            // The same value above the diagonal is not read.
+                            m[at(i, j)] = 1.0;
+                            m[at(j, i)] = bad;
+                            let view = if layout_col_major {
+                                MatRef::from_column_major_slice(&m, n, n)
+                            } else {
+                                MatRef::from_row_major_slice(&m, n, n)
+                            };
+                            assert!(lower_is_finite(view), "n {n}, ({j}, {i}) = {bad}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn spectral_apply_leaves_out_untouched_when_a_scale_overflows() {
+        let a = [4.0f32, 1.0, 1.0, 3.0];
+        with_workspace(
+            sym_eigen_scratch::<f32>(2).and(spectral_apply_scratch::<f32>(2)),
+            |stack| {
+                let (eig, stack) = sym_eigen(MatRef::from_column_major_slice(&a, 2, 2), stack);
+                let eig = eig.expect("a finite symmetric matrix decomposes");
+                let mut out = [7.0f32; 4];
+                // 1e38 is below f32::MAX but above a quarter of it.
+                assert!(!spectral_apply(&eig, |_| 1e38, &mut out, stack));
+                assert_eq!(out, [7.0; 4]);
+                assert!(spectral_apply(&eig, |m| m, &mut out, stack));
+                for (x, y) in out.iter().zip(a) {
+                    assert!((x - y).abs() < 1e-5, "{out:?}");
+                }
+            },
+        );
+    }
 }

@@ -532,15 +532,22 @@ impl RootSpec {
         let n = self.n;
         let req = linalg::square_scratch::<E>(n)
             .and(linalg::sym_eigen_scratch::<E>(n))
-            .and(linalg::square_scratch::<T>(n))
             .and(linalg::spectral_apply_scratch::<T>(n));
         linalg::with_workspace(req, |stack| {
             let (a, stack) = linalg::square_in(n, stack, |j, column| {
-                linalg::symmetric_column(l, j, column, |x| E::from_f64x(x.to_f64x() / self.bias2));
+                // Without bias correction (the sum, or beta2 = 1) the
+                // division by 1 is exact and skipped.
+                if self.bias2 == 1.0 {
+                    linalg::symmetric_column(l, j, column, |x| E::from_f64x(x.to_f64x()));
+                } else {
+                    linalg::symmetric_column(l, j, column, |x| {
+                        E::from_f64x(x.to_f64x() / self.bias2)
+                    });
+                }
                 // Rounded once, as `l / bias2 + epsilon` in f64.
                 column[j] = E::from_f64x(l[j * n + j].to_f64x() / self.bias2 + self.epsilon);
             });
-            let (eig, stack) = linalg::sym_eigen(MatRef::from_column_major_slice(&a, n, n), stack);
+            let (eig, stack) = linalg::sym_eigen(MatRef::from_column_major_slice(a, n, n), stack);
             let Some(eig) = eig else {
                 return false;
             };
@@ -550,13 +557,10 @@ impl RootSpec {
             } else {
                 0.0
             };
-            let (mut fresh, stack) = linalg::square_in(n, stack, |_, _| {});
             let exponent = -1.0 / self.r as f64;
-            if !linalg::spectral_apply(&eig, |m| (m + shift).powf(exponent), &mut fresh, stack) {
-                return false;
-            }
-            root.copy_from_slice(&fresh);
-            true
+            // Written in place: `spectral_apply` leaves `root` untouched
+            // when it fails.
+            linalg::spectral_apply(&eig, |m| (m + shift).powf(exponent), root, stack)
         })
     }
 }
