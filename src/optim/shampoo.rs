@@ -228,21 +228,28 @@ pub(crate) fn accumulate<T: Real, G: GradElem<T>, P: GradTransform<T>>(
         .par_iter()
         .zip(per_block(&blocks, &mut state[FACTORS]).into_par_iter())
         .for_each(|(block, l)| {
-            let mut gb = vec![T::zero(); block.numel()];
-            block.gather_into(g, &mut gb, |x| prep.apply(x.get()));
-            let dims = &block.dims;
-            let mut factors = Vec::with_capacity(dims.len());
-            let mut rest = l;
-            for &n in dims {
-                let (lj, r) = rest.split_at_mut(n * n);
-                factors.push(lj);
-                rest = r;
-            }
-            factors.par_iter_mut().enumerate().for_each(|(j, lj)| {
-                if c.beta2 != 1.0 {
-                    lj.iter_mut().for_each(|x| *x *= beta2);
+            // The gathered block lives in the thread's reused workspace: a
+            // fresh megabyte-sized allocation per block and step would be
+            // mapped and faulted in again every time.
+            let numel = block.numel();
+            linalg::with_workspace(linalg::buffer_scratch::<T>(numel), |stack| {
+                let (mut gb, _) = linalg::buffer_in(numel, stack, |_| T::zero());
+                block.gather_into(g, &mut gb, |x| prep.apply(x.get()));
+                let gb = &*gb;
+                let dims = &block.dims;
+                let mut factors = Vec::with_capacity(dims.len());
+                let mut rest = l;
+                for &n in dims {
+                    let (lj, r) = rest.split_at_mut(n * n);
+                    factors.push(lj);
+                    rest = r;
                 }
-                linalg::mode_gram_add(lj, &gb, dims, j, weight);
+                factors.par_iter_mut().enumerate().for_each(|(j, lj)| {
+                    if c.beta2 != 1.0 {
+                        lj.iter_mut().for_each(|x| *x *= beta2);
+                    }
+                    linalg::mode_gram_add(lj, gb, dims, j, weight);
+                });
             });
         });
 }
