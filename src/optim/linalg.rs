@@ -249,8 +249,8 @@ pub(crate) fn symmetric_column<S: Copy, T>(
 }
 
 /// Whether the lower triangle of the square `a` is finite. Contiguous
-/// columns are checked as slices (`0 * x` is NaN exactly when `x` is not
-/// finite, and a sum without early exit vectorizes), others entry by entry.
+/// columns are checked as slices by counting their non-finite entries (a
+/// count without early exit vectorizes), others entry by entry.
 fn lower_is_finite<T: Real>(a: MatRef<'_, T>) -> bool {
     let n = a.nrows();
     (0..n).all(|j| match a.col(j).try_as_col_major() {
