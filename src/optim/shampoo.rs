@@ -542,15 +542,7 @@ impl RootSpec {
             .and(linalg::spectral_apply_scratch::<T>(n));
         linalg::with_workspace(req, |stack| {
             let (a, stack) = linalg::square_in(n, stack, |j, column| {
-                // Without bias correction (the sum, or beta2 = 1) the
-                // division by 1 is exact and skipped.
-                if self.bias2 == 1.0 {
-                    linalg::symmetric_column(l, j, column, |x| E::from_f64x(x.to_f64x()));
-                } else {
-                    linalg::symmetric_column(l, j, column, |x| {
-                        E::from_f64x(x.to_f64x() / self.bias2)
-                    });
-                }
+                linalg::symmetric_column(l, j, column, |x| E::from_f64x(x.to_f64x() / self.bias2));
                 // Rounded once, as `l / bias2 + epsilon` in f64.
                 column[j] = E::from_f64x(l[j * n + j].to_f64x() / self.bias2 + self.epsilon);
             });
