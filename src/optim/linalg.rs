@@ -169,7 +169,9 @@ thread_local! {
 /// again.
 pub(crate) fn with_workspace<R>(req: StackReq, f: impl FnOnce(&mut MemStack) -> R) -> R {
     WORKSPACE.with(|cell| {
-        // A nested call on the same thread (none today) gets its own buffer.
+        // A nested call on the same thread gets its own buffer: rayon may
+        // run another job on a thread that holds its workspace across a
+        // parallel loop (Shampoo's accumulate, over a block's factors).
         let Ok(mut guard) = cell.try_borrow_mut() else {
             return f(MemStack::new(&mut MemBuffer::new(req)));
         };
@@ -199,11 +201,6 @@ pub(crate) fn buffer_in<'s, T: Real>(
     stack.make_aligned_with(len, ALIGN, f)
 }
 
-/// Workspace for an `n x n` matrix of `T`.
-pub(crate) fn square_scratch<T>(n: usize) -> StackReq {
-    buffer_scratch::<T>(n * n)
-}
-
 /// Column stride of the workspace matrices that feed GEMMs: `n` rounded up
 /// to whole cache lines, plus one line when that is a multiple of 256
 /// bytes. At such strides (1024 or 384 f32 columns: 4096 or 1536 bytes)
@@ -223,50 +220,24 @@ pub(crate) fn padded_stride<T>(n: usize) -> usize {
 }
 
 /// Workspace for an `n x n` matrix of `T` with [`padded_stride`] columns.
-pub(crate) fn padded_square_scratch<T>(n: usize) -> StackReq {
+pub(crate) fn square_scratch<T>(n: usize) -> StackReq {
     buffer_scratch::<T>(padded_stride::<T>(n) * n)
 }
 
-/// An `n x n` column-major matrix in the workspace, column `j` (a
-/// contiguous slice of `n` values) zeroed then filled by `fill(j, column)`.
-/// Filling whole columns keeps the writes and the sources' reads
-/// sequential: a per-entry closure over a flat index costs an integer
-/// division per entry and, reading a row-major source, a cache miss per
-/// entry at order 1024. Each column is zeroed just before its fill, while
-/// it is in L1, rather than the whole matrix in a separate pass through
-/// memory.
+/// An `n x n` column-major matrix in the workspace with [`padded_stride`]
+/// columns, column `j` (a contiguous slice of `n` values) zeroed, padding
+/// included, then filled by `fill(j, column)`. Filling whole columns keeps
+/// the writes and the sources' reads sequential: a per-entry closure over a
+/// flat index costs an integer division per entry and, reading a row-major
+/// source, a cache miss per entry at order 1024. Each column is zeroed just
+/// before its fill, while it is in L1, rather than the whole matrix in a
+/// separate pass through memory.
 pub(crate) fn square_in<T: Real>(
-    n: usize,
-    stack: &mut MemStack,
-    fill: impl Fn(usize, &mut [T]),
-) -> (&mut [T], &mut MemStack) {
-    strided_square_in(n, n, stack, fill)
-}
-
-/// [`square_in`] with [`padded_stride`] columns, as a matrix view (the
-/// padding is zeroed).
-pub(crate) fn padded_square_in<T: Real>(
     n: usize,
     stack: &mut MemStack,
     fill: impl Fn(usize, &mut [T]),
 ) -> (MatRef<'_, T>, &mut MemStack) {
     let stride = padded_stride::<T>(n);
-    let (m, stack) = strided_square_in(n, stride, stack, fill);
-    (
-        MatRef::from_column_major_slice_with_stride(m, n, n, stride),
-        stack,
-    )
-}
-
-/// An `n x n` column-major matrix with column stride `stride >= n` (the
-/// padding zeroed), filled as [`square_in`] says.
-fn strided_square_in<T: Real>(
-    n: usize,
-    stride: usize,
-    stack: &mut MemStack,
-    fill: impl Fn(usize, &mut [T]),
-) -> (&mut [T], &mut MemStack) {
-    debug_assert!(stride >= n);
     let (raw, stack) = stack.make_aligned_uninit::<T>(stride * n, ALIGN);
     if n > 0 {
         for (j, column) in raw.chunks_exact_mut(stride).enumerate() {
@@ -277,8 +248,11 @@ fn strided_square_in<T: Real>(
         }
     }
     // SAFETY: every element was written, column by column, above.
-    let m = unsafe { &mut *(raw as *mut [MaybeUninit<T>] as *mut [T]) };
-    (m, stack)
+    let m = unsafe { &*(raw as *mut [MaybeUninit<T>] as *const [T]) };
+    (
+        MatRef::from_column_major_slice_with_stride(m, n, n, stride),
+        stack,
+    )
 }
 
 /// Fills `column` with column `j` of the symmetric `n x n` matrix stored
@@ -338,7 +312,7 @@ impl<T: Real> SymEigen<'_, T> {
 
 /// Workspace of [`sym_eigen`] for order `n`.
 pub(crate) fn sym_eigen_scratch<T: Real>(n: usize) -> StackReq {
-    padded_square_scratch::<T>(n)
+    square_scratch::<T>(n)
         .and(buffer_scratch::<T>(n))
         .and(evd::self_adjoint_evd_scratch::<T>(
             n,
@@ -384,7 +358,7 @@ pub(crate) fn sym_eigen<'s, T: Real>(
 
 /// Workspace of [`spectral_apply`] for order `n` into `T`.
 pub(crate) fn spectral_apply_scratch<T>(n: usize) -> StackReq {
-    padded_square_scratch::<T>(n).and(padded_square_scratch::<T>(n))
+    square_scratch::<T>(n).and(square_scratch::<T>(n))
 }
 
 /// `Q diag(f(mu)) Q^T` in precision `T`, written row-major into `out`
@@ -415,7 +389,7 @@ pub(crate) fn spectral_apply<E: Real, T: Real>(
     }
     let q = eig.vectors();
     // Padded columns (see `padded_stride`) for both GEMM operands.
-    let (q_scaled, stack) = padded_square_in(n, stack, |i, column| {
+    let (q_scaled, stack) = square_in(n, stack, |i, column| {
         for (c, &x) in column.iter_mut().zip(eig.vector(i)) {
             *c = T::from_f64x(x.to_f64x() * scale[i]);
         }
@@ -427,7 +401,7 @@ pub(crate) fn spectral_apply<E: Real, T: Real>(
             MatRef::from_raw_parts(q.as_ptr().cast::<T>(), n, n, q.row_stride(), q.col_stride())
         }
     } else {
-        padded_square_in(n, stack, |i, column| {
+        square_in(n, stack, |i, column| {
             for (c, &x) in column.iter_mut().zip(eig.vector(i)) {
                 *c = T::from_f64x(x.to_f64x());
             }

@@ -15,7 +15,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use faer::MatRef;
 use rayon::prelude::*;
 
 use super::linalg;
@@ -546,7 +545,7 @@ impl RootSpec {
                 // Rounded once, as `l / bias2 + epsilon` in f64.
                 column[j] = E::from_f64x(l[j * n + j].to_f64x() / self.bias2 + self.epsilon);
             });
-            let (eig, stack) = linalg::sym_eigen(MatRef::from_column_major_slice(a, n, n), stack);
+            let (eig, stack) = linalg::sym_eigen(a, stack);
             let Some(eig) = eig else {
                 return false;
             };

@@ -168,7 +168,7 @@ fn eigenbasis<T: Real>(l: &[T], n: usize, basis: &mut [T]) -> bool {
         let (a, stack) = linalg::square_in(n, stack, |j, column| {
             linalg::symmetric_column(l, j, column, |x| x.to_f64x())
         });
-        let Some(eig) = linalg::sym_eigen(MatRef::from_column_major_slice(a, n, n), stack).0 else {
+        let Some(eig) = linalg::sym_eigen(a, stack).0 else {
             return false;
         };
         // faer returns ascending eigenvalues: reverse the columns.
