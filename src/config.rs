@@ -318,7 +318,7 @@ impl ShampooConfig {
     /// every multiple of `precondition_frequency` after it.
     pub fn recomputes(&self, t: u64) -> bool {
         let s = self.start_step();
-        t == s || (t > s && t % self.precondition_frequency == 0)
+        t == s || (t > s && t.is_multiple_of(self.precondition_frequency))
     }
 }
 
@@ -375,7 +375,7 @@ impl SoapConfig {
     /// and every `precondition_frequency` steps after it.
     pub fn recomputes(&self, t: u64) -> bool {
         let s = self.start_step();
-        t >= s && (t - s) % self.precondition_frequency == 0
+        t >= s && (t - s).is_multiple_of(self.precondition_frequency)
     }
 
     /// The factor decay.

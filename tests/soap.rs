@@ -104,7 +104,7 @@ impl DenseSoap {
         let t = self.t;
         self.l = &self.l * b2 + (g * g.transpose()) * (1.0 - b2);
         self.r = &self.r * b2 + (g.transpose() * g) * (1.0 - b2);
-        if t >= start && (t - start) % freq == 0 {
+        if t >= start && (t - start).is_multiple_of(freq) {
             let m_params = &self.ql * &self.m * self.qr.transpose();
             self.ql = eigenvectors(&self.l);
             self.qr = eigenvectors(&self.r);

@@ -20,7 +20,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use crate::backend::mixed::Rounding;
-use crate::backend::reduce::{dot, run_simd, sum_sq, SimdTask, Sums, BLOCK};
+use crate::backend::reduce::{prefetch_ahead, run_simd, LaneSums, Lanes, SimdTask, Sums, BLOCK};
 use crate::checkpoint::{StateData, StateDict, StateTensor};
 use crate::clip::{global_clip_factor, update_clip_factor, GradPrep};
 use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
@@ -515,41 +515,42 @@ struct ScanChunk<'a, T, G> {
     with_params: bool,
 }
 
-/// Read-only passes over one stream are limited by how many cache misses a
-/// core keeps in flight; reading `SCAN_STREAMS` far-apart parts of the chunk
-/// in lockstep keeps more in flight (about 2x the bandwidth here).
-const SCAN_STREAMS: usize = 4;
-/// Elements per scan work item: long enough that each stream runs for a
-/// while once the hardware prefetcher has picked it up.
+/// Elements per scan work item: long enough that the stream runs for a
+/// while once the prefetches have picked it up.
 const SCAN_CHUNK: usize = 4 * CHUNK;
 
 impl<T: Real, G: GradElem<T>> SimdTask for ScanChunk<'_, T, G> {
     type Output = Scan;
     #[inline(always)]
     fn run(self) -> Scan {
-        let mut s = Scan::default();
+        let mut s = ScanLanes::default();
         let mut buf = [T::zero(); BLOCK];
-        let part = self.g.len() / SCAN_STREAMS / BLOCK * BLOCK;
-        for b in (0..part).step_by(BLOCK) {
-            for j in 0..SCAN_STREAMS {
-                let r = j * part + b..j * part + b + BLOCK;
-                self.block(&self.g[r.clone()], &self.p[r], &mut buf, &mut s);
+        for (g, p) in self.g.chunks(BLOCK).zip(self.p.chunks(BLOCK)) {
+            prefetch_ahead(g);
+            if self.with_params {
+                prefetch_ahead(p);
             }
-        }
-        let rest = SCAN_STREAMS * part;
-        for (g, p) in self.g[rest..]
-            .chunks(BLOCK)
-            .zip(self.p[rest..].chunks(BLOCK))
-        {
             self.block(g, p, &mut buf, &mut s);
         }
-        s
+        let raw_sq = s.raw_sq.total();
+        let mut sums = s.sums.sums();
+        if !self.prep.clamps() {
+            sums.grad_sq = raw_sq;
+        }
+        Scan { raw_sq, sums }
     }
+}
+
+/// [`Scan`] while the scan of one chunk runs.
+#[derive(Default)]
+struct ScanLanes {
+    raw_sq: Lanes,
+    sums: LaneSums,
 }
 
 impl<T: Real, G: GradElem<T>> ScanChunk<'_, T, G> {
     #[inline(always)]
-    fn block(&self, g: &[G], p: &[T], buf: &mut [T; BLOCK], s: &mut Scan) {
+    fn block(&self, g: &[G], p: &[T], buf: &mut [T; BLOCK], s: &mut ScanLanes) {
         let raw = match G::as_native(g) {
             Some(native) => native,
             None => {
@@ -559,25 +560,24 @@ impl<T: Real, G: GradElem<T>> ScanChunk<'_, T, G> {
                 &buf[..g.len()]
             }
         };
-        s.raw_sq += sum_sq(raw);
+        s.raw_sq.add_sq(raw);
         let clamped = if self.prep.clamps() {
             let mut out = [T::zero(); BLOCK];
             for (c, g) in out.iter_mut().zip(raw) {
                 *c = self.prep.clamp(*g);
             }
-            s.sums.grad_sq += sum_sq(&out[..g.len()]);
+            s.sums.grad_sq.add_sq(&out[..g.len()]);
             if self.with_params {
-                s.sums.grad_dot_param += dot(&out[..g.len()], p);
+                s.sums.grad_dot_param.add_dot(&out[..g.len()], p);
             }
             true
         } else {
-            s.sums.grad_sq = s.raw_sq;
             false
         };
         if self.with_params {
-            s.sums.param_sq += sum_sq(p);
+            s.sums.param_sq.add_sq(p);
             if !clamped {
-                s.sums.grad_dot_param += dot(raw, p);
+                s.sums.grad_dot_param.add_dot(raw, p);
             }
         }
     }
@@ -671,7 +671,7 @@ fn slot_chunks<T>(slot: Option<&mut Vec<T>>, len: usize) -> std::vec::IntoIter<&
 }
 
 /// A fused kernel over one chunk, as a plain type so that [`run_simd`] can
-/// compile it for AVX2 (see [`SimdTask`]).
+/// compile it for AVX-512 or AVX2 (see [`SimdTask`]).
 trait ChunkKernel<T: Real, G>: Sync {
     fn run(&self, c: &mut Chunk<'_, T, G>) -> Sums;
 }
@@ -1009,4 +1009,120 @@ fn whole_tensor_pass<T: Real, G: GradElem<T>>(
         .collect();
     let failures = results.iter().map(|(_, f)| f).sum();
     (results.into_iter().map(|(s, _)| s).collect(), failures)
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every SIMD level of this CPU gives the same bits, kernel by kernel:
+    //! the other tests and the conformance run exercise only the best level.
+    use super::*;
+    use crate::backend::reduce::{levels, run_at, Level};
+
+    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            })
+            .collect()
+    }
+
+    fn sum_bits(s: &Sums) -> [u64; 5] {
+        [
+            s.param_sq,
+            s.update_sq,
+            s.grad_sq,
+            s.grad_dot_param,
+            s.direction_sq,
+        ]
+        .map(f64::to_bits)
+    }
+
+    /// The bits of `p, s0, s1` and of the sums after `kernel` on one chunk of
+    /// `n` elements at `level`.
+    fn kernel_bits<K: ChunkKernel<f32, f32>>(kernel: &K, level: Level, n: usize) -> Vec<u64> {
+        let mut p = values(n, 1, 1.0);
+        let g = values(n, 2, 0.3);
+        let mut s0 = values(n, 3, 0.01);
+        let mut s1: Vec<f32> = values(n, 4, 1e-3).iter().map(|x| x.abs()).collect();
+        let mut chunk = Chunk {
+            tensor: 0,
+            offset: 0,
+            p: &mut p,
+            g: &g,
+            s0: &mut s0,
+            s1: &mut s1,
+            out: None,
+        };
+        let sums = run_at(
+            level,
+            KernelCall {
+                kernel,
+                chunk: &mut chunk,
+            },
+        );
+        let buffers = p.iter().chain(&s0).chain(&s1).map(|x| x.to_bits() as u64);
+        buffers.chain(sum_bits(&sums)).collect()
+    }
+
+    /// The bits of the scan's sums over `n` elements at `level`.
+    fn scan_bits(prep: &GradPrep<f32>, level: Level, n: usize) -> Vec<u64> {
+        let (g, p) = (values(n, 5, 0.3), values(n, 6, 1.0));
+        let task = ScanChunk {
+            g: &g,
+            p: &p,
+            prep,
+            with_params: true,
+        };
+        let scan = run_at(level, task);
+        let mut bits = vec![scan.raw_sq.to_bits()];
+        bits.extend(sum_bits(&scan.sums));
+        bits
+    }
+
+    #[test]
+    fn simd_levels_agree_bit_for_bit() {
+        let mut adamw = adam::AdamCoeffs::<f32>::new(0.9, 0.999, 1e-8, 3);
+        adamw.decay = 0.999;
+        adamw.lr = 1e-2;
+        let mut adam_l2 = adamw;
+        adam_l2.decay = 1.0;
+        adam_l2.l2 = 0.1;
+        let mut lamb = adam::AdamCoeffs::<f32>::new(0.9, 0.999, 1e-6, 3);
+        lamb.wd_dir = 0.01;
+        lamb.lr = 1e-3;
+        let sgd = [sgd::SgdCoeffs::<f32>::new(0.1, 0.01, 0.9, 0.1, true, false)];
+        let lion = [lion::LionCoeffs::<f32>::new(1e-3, 0.9, 0.99, 0.1)];
+        let lars = [lars::LarsCoeffs::<f32>::new(0.05, 1e-4, 0.9, false)];
+        let (adamw, adam_l2, lamb) = ([adamw], [adam_l2], [lamb]);
+        // With and without `clip_value`; lengths with partial blocks and lanes.
+        for prep in [GradPrep::new(None, 0.7), GradPrep::new(Some(0.15), 0.7)] {
+            for n in [5, 1037, 3 * BLOCK + 40] {
+                let bits = |level| {
+                    vec![
+                        kernel_bits(&AdamStep { k: &adamw, prep }, level, n),
+                        kernel_bits(&AdamStep { k: &adam_l2, prep }, level, n),
+                        kernel_bits(&AdamMoments { k: &lamb, prep }, level, n),
+                        kernel_bits(&AdamMomentsWithParams { k: &lamb, prep }, level, n),
+                        kernel_bits(&AdamApply { k: &lamb, prep }, level, n),
+                        kernel_bits(&SgdPlain { k: &sgd, prep }, level, n),
+                        kernel_bits(&SgdMomentum { k: &sgd, prep }, level, n),
+                        kernel_bits(&LionStep { k: &lion, prep }, level, n),
+                        kernel_bits(&LarsStep { k: &lars, prep }, level, n),
+                        scan_bits(&prep, level, n),
+                    ]
+                };
+                let baseline = bits(Level::Baseline);
+                for level in levels() {
+                    assert!(
+                        bits(level) == baseline,
+                        "{level:?} differs from the baseline at n = {n}, {prep:?}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -120,7 +120,7 @@ impl GptConfig {
                 return Err(KeelError::config(field, "must be at least 1"));
             }
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(KeelError::config(
                 "n_embd",
                 format!(

@@ -808,11 +808,12 @@ impl Trainer {
         }
         std::mem::swap(&mut self.prev_grads, &mut self.grads);
         self.step += 1;
-        let val_loss = if self.config.eval_every > 0 && self.step % self.config.eval_every == 0 {
-            Some(self.evaluate(data)?)
-        } else {
-            None
-        };
+        let val_loss =
+            if self.config.eval_every > 0 && self.step.is_multiple_of(self.config.eval_every) {
+                Some(self.evaluate(data)?)
+            } else {
+                None
+            };
         Ok(StepRecord {
             step,
             loss,

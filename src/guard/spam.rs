@@ -183,7 +183,7 @@ impl Spam {
             *k += 1;
         }
         match self.config.reset_interval {
-            Some(n) if self.steps % n == 0 => {
+            Some(n) if self.steps.is_multiple_of(n) => {
                 opt.reset_state();
                 self.resets += 1;
                 self.since_reset = Some(0);

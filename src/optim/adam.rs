@@ -17,7 +17,7 @@
 //! accumulate the per-tensor norm in pass A, then recompute `u` from the new
 //! `m, v` in pass B instead of storing it: no tensor-sized temporary.
 
-use crate::backend::reduce::{sum_sq, Sums, BLOCK};
+use crate::backend::reduce::{fused_norms, LaneSums, Sums, BLOCK};
 use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
@@ -88,34 +88,16 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>, const COUPLED: 
     m: &mut [T],
     v: &mut [T],
 ) -> Sums {
-    let mut sums = Sums::default();
-    let mut delta = [T::zero(); BLOCK];
-    let blocks = p
-        .chunks_mut(BLOCK)
-        .zip(g.chunks(BLOCK))
-        .zip(m.chunks_mut(BLOCK).zip(v.chunks_mut(BLOCK)));
-    for ((pb, gb), (mb, vb)) in blocks {
-        sums.param_sq += sum_sq(pb);
-        let db = &mut delta[..pb.len()];
-        for ((p, g), ((m, v), d)) in pb
-            .iter_mut()
-            .zip(gb)
-            .zip(mb.iter_mut().zip(vb.iter_mut()).zip(db.iter_mut()))
-        {
-            let g = prep.apply(g.get());
-            let (g, kept) = if COUPLED {
-                (g + k.l2 * *p, *p)
-            } else {
-                (g, *p * k.decay)
-            };
-            k.moments(g, m, v);
-            let new = kept - k.lr * k.direction(*m, *v);
-            *d = new - *p;
-            *p = new;
-        }
-        sums.update_sq += sum_sq(db);
-    }
-    sums
+    fused_norms(p, (g, (m, v)), |p, (g, (m, v))| {
+        let g = prep.apply(g.get());
+        let (g, kept) = if COUPLED {
+            (g + k.l2 * p, p)
+        } else {
+            (g, p * k.decay)
+        };
+        k.moments(g, m, v);
+        kept - k.lr * k.direction(*m, *v)
+    })
 }
 
 /// Pass A of the two-pass variants: reads `g, m, v` (and `p` when given),
@@ -129,7 +111,7 @@ pub(crate) fn moments<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     m: &mut [T],
     v: &mut [T],
 ) -> Sums {
-    let mut sums = Sums::default();
+    let mut sums = LaneSums::default();
     let mut dir = [T::zero(); BLOCK];
     let blocks = g
         .chunks(BLOCK)
@@ -137,7 +119,7 @@ pub(crate) fn moments<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     match p {
         Some(p) => {
             for ((gb, (mb, vb)), pb) in blocks.zip(p.chunks(BLOCK)) {
-                sums.param_sq += sum_sq(pb);
+                sums.param_sq.add_sq(pb);
                 let ub = &mut dir[..gb.len()];
                 for ((g, p), ((m, v), u)) in gb
                     .iter()
@@ -147,7 +129,7 @@ pub(crate) fn moments<T: Real, G: GradElem<T>, P: GradTransform<T>>(
                     k.moments(prep.apply(g.get()), m, v);
                     *u = k.direction(*m, *v) + k.wd_dir * *p;
                 }
-                sums.direction_sq += sum_sq(ub);
+                sums.direction_sq.add_sq(ub);
             }
         }
         None => {
@@ -160,33 +142,19 @@ pub(crate) fn moments<T: Real, G: GradElem<T>, P: GradTransform<T>>(
                     k.moments(prep.apply(g.get()), m, v);
                     *u = k.direction(*m, *v);
                 }
-                sums.direction_sq += sum_sq(ub);
+                sums.direction_sq.add_sq(ub);
             }
         }
     }
-    sums
+    sums.sums()
 }
 
 /// Pass B of the two-pass variants: reads `p, m, v`, writes `p`.
 #[inline(always)]
 pub(crate) fn apply<T: Real>(k: &AdamCoeffs<T>, p: &mut [T], m: &[T], v: &[T]) -> Sums {
-    let mut sums = Sums::default();
-    let mut delta = [T::zero(); BLOCK];
-    for ((pb, mb), vb) in p
-        .chunks_mut(BLOCK)
-        .zip(m.chunks(BLOCK))
-        .zip(v.chunks(BLOCK))
-    {
-        sums.param_sq += sum_sq(pb);
-        let db = &mut delta[..pb.len()];
-        for (((p, m), v), d) in pb.iter_mut().zip(mb).zip(vb).zip(db.iter_mut()) {
-            let new = *p * k.decay - k.lr * (k.direction(*m, *v) + k.wd_dir * *p);
-            *d = new - *p;
-            *p = new;
-        }
-        sums.update_sq += sum_sq(db);
-    }
-    sums
+    fused_norms(p, (m, v), |p, (m, v)| {
+        p * k.decay - k.lr * (k.direction(*m, *v) + k.wd_dir * p)
+    })
 }
 
 impl<T: Real> AdamCoeffs<T> {

@@ -212,7 +212,7 @@ pub(crate) fn padded_stride<T>(n: usize) -> usize {
     let size = std::mem::size_of::<T>().max(1);
     let line = (ALIGN / size).max(1);
     let stride = n.div_ceil(line) * line;
-    if (stride * size) % 256 == 0 {
+    if (stride * size).is_multiple_of(256) {
         stride + line
     } else {
         stride

@@ -5,7 +5,7 @@
 //! Bytes per f32 parameter: scan 4 + read `p, g, b` and write `p, b` 20 = 24;
 //! without momentum (no buffer) 4 + 12 = 16.
 
-use crate::backend::reduce::{fused_one_state, sum_sq, Sums, BLOCK};
+use crate::backend::reduce::{fused_norms, fused_one_state, Sums};
 use crate::clip::GradTransform;
 use crate::real::{GradElem, Real};
 
@@ -76,17 +76,5 @@ pub(crate) fn step_plain<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     p: &mut [T],
     g: &[G],
 ) -> Sums {
-    let mut sums = Sums::default();
-    let mut delta = [T::zero(); BLOCK];
-    for (pb, gb) in p.chunks_mut(BLOCK).zip(g.chunks(BLOCK)) {
-        sums.param_sq += sum_sq(pb);
-        let db = &mut delta[..pb.len()];
-        for ((p, g), d) in pb.iter_mut().zip(gb).zip(db.iter_mut()) {
-            let new = *p - k.lr * (prep.apply(g.get()) + k.wd * *p);
-            *d = new - *p;
-            *p = new;
-        }
-        sums.update_sq += sum_sq(db);
-    }
-    sums
+    fused_norms(p, g, |p, g| p - k.lr * (prep.apply(g.get()) + k.wd * p))
 }
