@@ -112,8 +112,9 @@ const PREFETCH_AHEAD: usize = 16 << 10;
 ///
 /// A lone read-only stream (the scan) is limited by how many cache misses
 /// a core keeps in flight; explicit prefetches keep more in flight than the
-/// hardware prefetcher alone. Measured on the 2-core EPYC (Zen 5) this
-/// project runs on: a 40 MB scan in about 0.75 ms instead of 1.0 ms.
+/// hardware prefetcher alone. On this project's 2-core EPYC (Zen 5), five
+/// alternating runs: a skipped 10M-parameter step (the scan of 40 MB) took
+/// 0.86–0.90 ms with them and 0.91–0.97 ms without.
 #[inline(always)]
 pub(crate) fn prefetch_ahead<A>(block: &[A]) {
     #[cfg(target_arch = "x86_64")]
