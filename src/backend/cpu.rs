@@ -735,13 +735,22 @@ chunk_kernel!(LionStep, LionCoeffs, |k, prep, c| lion::step(
 struct KernelCall<'k, 'c, 'a, K, T, G> {
     kernel: &'k K,
     chunk: &'c mut Chunk<'a, T, G>,
+    /// For mixed precision, the rounding and the step: the chunk's new
+    /// master weights are rounded to its bf16 output right after the kernel,
+    /// while they are still in cache, and in the same SIMD code.
+    round: Option<(Rounding, u64)>,
 }
 
 impl<K: ChunkKernel<T, G>, T: Real, G> SimdTask for KernelCall<'_, '_, '_, K, T, G> {
     type Output = Sums;
     #[inline(always)]
     fn run(self) -> Sums {
-        self.kernel.run(self.chunk)
+        let sums = self.kernel.run(self.chunk);
+        let c = self.chunk;
+        if let (Some(out), Some((rounding, step))) = (c.out.as_deref_mut(), self.round) {
+            rounding.write(out, c.p, step, c.tensor, c.offset);
+        }
+        sums
     }
 }
 
@@ -757,14 +766,16 @@ fn apply_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(
     let partial = chunks
         .par_iter_mut()
         .map(|chunk| {
-            let sums = run_simd(KernelCall {
-                kernel,
-                chunk: &mut *chunk,
-            });
-            if let (Some(out), Some(rounding)) = (chunk.out.as_deref_mut(), rounding) {
-                rounding.write(out, chunk.p, step, chunk.tensor, chunk.offset);
-            }
-            (chunk.tensor, sums)
+            let tensor = chunk.tensor;
+            let round = rounding.map(|r| (r, step));
+            (
+                tensor,
+                run_simd(KernelCall {
+                    kernel,
+                    chunk,
+                    round,
+                }),
+            )
         })
         .collect();
     reduce_in_order(partial, n)
@@ -778,7 +789,17 @@ fn moment_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(
 ) -> Vec<Sums> {
     let partial = chunks
         .par_iter_mut()
-        .map(|chunk| (chunk.tensor, run_simd(KernelCall { kernel, chunk })))
+        .map(|chunk| {
+            let tensor = chunk.tensor;
+            (
+                tensor,
+                run_simd(KernelCall {
+                    kernel,
+                    chunk,
+                    round: None,
+                }),
+            )
+        })
         .collect();
     reduce_in_order(partial, n)
 }
@@ -1041,13 +1062,19 @@ mod tests {
         .map(f64::to_bits)
     }
 
-    /// The bits of `p, s0, s1` and of the sums after `kernel` on one chunk of
-    /// `n` elements at `level`.
-    fn kernel_bits<K: ChunkKernel<f32, f32>>(kernel: &K, level: Level, n: usize) -> Vec<u64> {
+    /// The bits of `p, s0, s1`, of `p` rounded to bf16 by `rounding` and of
+    /// the sums after `kernel` on one chunk of `n` elements at `level`.
+    fn kernel_bits<K: ChunkKernel<f32, f32>>(
+        kernel: &K,
+        rounding: Rounding,
+        level: Level,
+        n: usize,
+    ) -> Vec<u64> {
         let mut p = values(n, 1, 1.0);
         let g = values(n, 2, 0.3);
         let mut s0 = values(n, 3, 0.01);
         let mut s1: Vec<f32> = values(n, 4, 1e-3).iter().map(|x| x.abs()).collect();
+        let mut out = vec![bf16::ZERO; n];
         let mut chunk = Chunk {
             tensor: 0,
             offset: 0,
@@ -1055,17 +1082,17 @@ mod tests {
             g: &g,
             s0: &mut s0,
             s1: &mut s1,
-            out: None,
+            out: Some(&mut out),
         };
-        let sums = run_at(
-            level,
-            KernelCall {
-                kernel,
-                chunk: &mut chunk,
-            },
-        );
+        let task = KernelCall {
+            kernel,
+            chunk: &mut chunk,
+            round: Some((rounding, 7)),
+        };
+        let sums = run_at(level, task);
         let buffers = p.iter().chain(&s0).chain(&s1).map(|x| x.to_bits() as u64);
-        buffers.chain(sum_bits(&sums)).collect()
+        let rounded = out.iter().map(|x| x.to_bits() as u64);
+        buffers.chain(rounded).chain(sum_bits(&sums)).collect()
     }
 
     /// The bits of the scan's sums over `n` elements at `level`.
@@ -1101,17 +1128,19 @@ mod tests {
         // With and without `clip_value`; lengths with partial blocks and lanes.
         for prep in [GradPrep::new(None, 0.7), GradPrep::new(Some(0.15), 0.7)] {
             for n in [5, 1037, 3 * BLOCK + 40] {
+                let (near, stoch) = (Rounding::Nearest, Rounding::Stochastic { seed: 11 });
                 let bits = |level| {
                     vec![
-                        kernel_bits(&AdamStep { k: &adamw, prep }, level, n),
-                        kernel_bits(&AdamStep { k: &adam_l2, prep }, level, n),
-                        kernel_bits(&AdamMoments { k: &lamb, prep }, level, n),
-                        kernel_bits(&AdamMomentsWithParams { k: &lamb, prep }, level, n),
-                        kernel_bits(&AdamApply { k: &lamb, prep }, level, n),
-                        kernel_bits(&SgdPlain { k: &sgd, prep }, level, n),
-                        kernel_bits(&SgdMomentum { k: &sgd, prep }, level, n),
-                        kernel_bits(&LionStep { k: &lion, prep }, level, n),
-                        kernel_bits(&LarsStep { k: &lars, prep }, level, n),
+                        kernel_bits(&AdamStep { k: &adamw, prep }, near, level, n),
+                        kernel_bits(&AdamStep { k: &adamw, prep }, stoch, level, n),
+                        kernel_bits(&AdamStep { k: &adam_l2, prep }, near, level, n),
+                        kernel_bits(&AdamMoments { k: &lamb, prep }, near, level, n),
+                        kernel_bits(&AdamMomentsWithParams { k: &lamb, prep }, near, level, n),
+                        kernel_bits(&AdamApply { k: &lamb, prep }, near, level, n),
+                        kernel_bits(&SgdPlain { k: &sgd, prep }, near, level, n),
+                        kernel_bits(&SgdMomentum { k: &sgd, prep }, near, level, n),
+                        kernel_bits(&LionStep { k: &lion, prep }, near, level, n),
+                        kernel_bits(&LarsStep { k: &lars, prep }, near, level, n),
                         scan_bits(&prep, level, n),
                     ]
                 };

@@ -61,6 +61,7 @@ pub(crate) fn stochastic_bf16(x: f32, noise: u64) -> bf16 {
 
 impl Rounding {
     /// Writes `src` rounded to bf16 into `out` (element `offset` of `tensor`).
+    #[inline(always)]
     pub(crate) fn write<T: Real>(
         &self,
         out: &mut [bf16],
