@@ -323,9 +323,9 @@ impl<A: Streams, B: Streams> Streams for (A, B) {
 ///
 /// Both sums are taken inside the update loop, in [`LANES`] `T` lanes per
 /// block and f64 lanes across blocks (see [`Lanes`]), so the loop reads and
-/// writes each element once and keeps its accumulators in registers; with
-/// the tensor in cache this makes the step about 20% faster than keeping the
-/// updates in a stack block and summing it after. The order of every
+/// writes each element once, and its accumulators stay in a few stack lines
+/// in L1; with the tensor in cache this makes the step about 20% faster than
+/// keeping the updates in a stack block and summing it after. The order of every
 /// addition is that of [`Lanes::add_sq`] over each block. `update` is the
 /// optimizer's per-element math; it inlines into this loop.
 #[inline(always)]
