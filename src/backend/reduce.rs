@@ -105,6 +105,7 @@ pub(crate) const BLOCK: usize = 256;
 const LANES: usize = 32;
 
 /// How far ahead of a read-only stream [`prefetch_ahead`] asks for lines.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const PREFETCH_AHEAD: usize = 16 << 10;
 
 /// Asks for the cache lines [`PREFETCH_AHEAD`] bytes past `block`'s start, as
