@@ -763,11 +763,11 @@ fn apply_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(
     (step, rounding): (u64, Option<Rounding>),
     kernel: &K,
 ) -> Vec<Sums> {
+    let round = rounding.map(|r| (r, step));
     let partial = chunks
         .par_iter_mut()
         .map(|chunk| {
             let tensor = chunk.tensor;
-            let round = rounding.map(|r| (r, step));
             (
                 tensor,
                 run_simd(KernelCall {
@@ -1038,18 +1038,7 @@ mod tests {
     //! the other tests and the conformance run exercise only the best level.
     use super::*;
     use crate::backend::reduce::{levels, run_at, Level};
-
-    fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-            })
-            .collect()
-    }
+    use crate::bench::fill as values;
 
     fn sum_bits(s: &Sums) -> [u64; 5] {
         [

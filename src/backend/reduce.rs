@@ -161,12 +161,7 @@ impl Lanes {
                 acc[l] += c[l] * c[l];
             }
         }
-        for (s, v) in self.0.iter_mut().zip(it.remainder()) {
-            *s += v.to_f64x() * v.to_f64x();
-        }
-        for (s, a) in self.0.iter_mut().zip(acc) {
-            *s += a.to_f64x();
-        }
+        self.add_lanes(&acc, it.remainder());
     }
 
     /// Adds `sum(a * b)` of one block, like [`Lanes::add_sq`].
@@ -326,9 +321,9 @@ impl<A: Streams, B: Streams> Streams for (A, B) {
 /// block and f64 lanes across blocks (see [`Lanes`]), so the loop reads and
 /// writes each element once, and its accumulators stay in a few stack lines
 /// in L1; with the tensor in cache this makes the step about 20% faster than
-/// keeping the updates in a stack block and summing it after. The order of every
-/// addition is that of [`Lanes::add_sq`] over each block. `update` is the
-/// optimizer's per-element math; it inlines into this loop.
+/// keeping the updates in a stack block and summing it after. The order of
+/// every addition is that of [`Lanes::add_sq`] over each block. `update` is
+/// the optimizer's per-element math; it inlines into this loop.
 #[inline(always)]
 pub(crate) fn fused_norms<T: Real, S: Streams>(
     p: &mut [T],
