@@ -17,7 +17,7 @@ use crate::backend::cpu::CHUNK;
 use crate::config::{OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
-use crate::optim::{bytes_per_param, state_slots, Optimizer};
+use crate::optim::{bytes_per_param, state_bytes, state_slots, Optimizer};
 use crate::tensor::ParamSpec;
 use crate::{CpuOptimizer, MixedPrecisionOptimizer, Rounding};
 
@@ -308,6 +308,22 @@ pub(crate) fn check_options(opts: &BenchOptions) -> Result<()> {
     opts.config.validate()
 }
 
+/// Bytes a CPU benchmark of `opts` over `specs` holds: parameters,
+/// gradients, the optimizer's state, the floor loop's state buffers, and for
+/// bf16 the bf16 copies and the f32 master weights.
+fn host_bytes(opts: &BenchOptions, specs: &[ParamSpec]) -> u128 {
+    let n = opts.params as u128;
+    let floor_slots = state_slots(&opts.config.kind).len() as u128;
+    let mut bytes = (4 + 4 + 4 * floor_slots) * n;
+    if opts.dtype == BenchDtype::Bf16 {
+        bytes += (2 + 2 + 4) * n;
+    }
+    specs
+        .iter()
+        .map(|s| state_bytes(&opts.config.kind, s, 4))
+        .fold(bytes, u128::saturating_add)
+}
+
 fn run_cpu(opts: &BenchOptions, mixed: bool) -> Result<BenchReport> {
     check_options(opts)?;
     let sizes = size_list(opts.params, opts.tensors, mixed);
@@ -334,6 +350,10 @@ fn run_cpu(opts: &BenchOptions, mixed: bool) -> Result<BenchReport> {
             false => ParamSpec::new(format!("t{i}"), [n]),
         })
         .collect();
+    crate::memory::ensure_fits(
+        &format!("a benchmark of {} parameters", opts.params),
+        host_bytes(opts, &specs),
+    )?;
     let params: Vec<Vec<f32>> = sizes
         .iter()
         .enumerate()

@@ -53,6 +53,22 @@ pub enum KeelError {
     /// Training text could not be read or is unusable (missing, empty, too short).
     #[error("data: {0}")]
     Data(String),
+    /// Memory for `what` could not be had: the allocator refused it, the size
+    /// overflows, or (for the command line's runs) it exceeds what the
+    /// machine has free. Returned instead of aborting the process.
+    #[error(
+        "not enough memory for {what}: needs {}{}",
+        crate::memory::human_bytes(*needed),
+        available.map(|a| format!(", {} available", crate::memory::human_bytes(a as u128))).unwrap_or_default()
+    )]
+    Memory {
+        /// What the memory was for (a buffer, a model, a run).
+        what: String,
+        /// Bytes needed (at least; `u128::MAX` when the size overflows).
+        needed: u128,
+        /// Bytes the machine had available (RAM plus free swap), where known.
+        available: Option<u64>,
+    },
 }
 
 impl KeelError {

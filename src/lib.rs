@@ -44,6 +44,7 @@ pub mod error;
 pub mod gpt;
 pub mod group;
 pub mod guard;
+pub mod memory;
 pub mod optim;
 pub mod real;
 pub mod schedule;

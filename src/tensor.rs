@@ -24,4 +24,10 @@ impl ParamSpec {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// Number of elements, or `None` when the product of the shape does not
+    /// fit in `usize` (no buffer could hold it).
+    pub fn checked_numel(&self) -> Option<usize> {
+        self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+    }
 }

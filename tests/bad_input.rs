@@ -616,3 +616,53 @@ fn mismatched_state_dicts_are_refused() {
     assert_err_mentions(mixed.load_state_dict(&source), &[]);
     assert!(mixed.master(0).iter().all(|&x| x == 1.0));
 }
+
+#[test]
+fn impossible_sizes_are_errors_not_aborts() {
+    // Every kind that keeps per-element state: sizes no machine holds are a
+    // shape error (the element count overflows) or a memory error (the
+    // buffer's bytes overflow, so the allocator is never even asked).
+    for kind in [
+        r#"{"kind": "sgd", "lr": 0.1, "momentum": 0.9}"#,
+        r#"{"kind": "adam", "lr": 0.001}"#,
+        r#"{"kind": "adamw", "lr": 0.001}"#,
+        r#"{"kind": "lamb", "lr": 0.001}"#,
+        r#"{"kind": "lars", "lr": 0.1}"#,
+        r#"{"kind": "lion", "lr": 0.0001}"#,
+        r#"{"kind": "muon", "lr": 0.02}"#,
+        r#"{"kind": "shampoo", "lr": 0.01}"#,
+        r#"{"kind": "soap", "lr": 0.003}"#,
+    ] {
+        let config = parse(kind);
+        let overflow = vec![
+            ParamSpec::new("b", [2, 2]),
+            ParamSpec::new("w", [1usize << 32, 1 << 32]),
+        ];
+        let e = assert_err_mentions(
+            CpuOptimizer::<f32>::new(config.clone(), overflow),
+            &[
+                "`w`",
+                "[4294967296, 4294967296]",
+                "more elements than fit in memory",
+            ],
+        );
+        assert!(matches!(e, KeelError::Shape { .. }), "{kind}: {e:?}");
+
+        // 2^62 elements of 4 bytes: 16 EiB.
+        let huge = vec![
+            ParamSpec::new("b", [2, 2]),
+            ParamSpec::new("w", [1usize << 31, 1 << 31]),
+        ];
+        let e = assert_err_mentions(
+            CpuOptimizer::<f32>::new(config.clone(), huge.clone()),
+            &["not enough memory", "optimizer state of `w`", "16.0 EiB"],
+        );
+        match e {
+            KeelError::Memory { needed, .. } => assert_eq!(needed, 1u128 << 64, "{kind}"),
+            other => panic!("{kind}: expected a memory error, got {other:?}"),
+        }
+        // f64 state doubles it.
+        let e = assert_err_mentions(CpuOptimizer::<f64>::new(config, huge), &["32.0 EiB"]);
+        assert!(matches!(e, KeelError::Memory { needed, .. } if needed == 1u128 << 65));
+    }
+}

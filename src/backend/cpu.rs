@@ -86,7 +86,7 @@ impl<T: Real> CpuOptimizer<T> {
         let state = specs
             .iter()
             .map(|s| initial_state(&config.kind, s))
-            .collect();
+            .collect::<Result<_>>()?;
         Ok(CpuOptimizer {
             config,
             specs,
@@ -979,7 +979,7 @@ pub(crate) fn read_state<T: Real>(
     let slots = state_slots(&sd.config.kind);
     let mut state = Vec::with_capacity(specs.len());
     for spec in specs {
-        let fresh: Vec<Vec<T>> = initial_state(&sd.config.kind, spec);
+        let fresh: Vec<Vec<T>> = initial_state(&sd.config.kind, spec)?;
         let mut bufs = Vec::with_capacity(slots.len());
         for (slot, like) in slots.iter().zip(&fresh) {
             let name = format!("{}/{}", spec.name, slot);

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::config::GptConfig;
 use super::model::Gpt;
 use super::rng::SplitMix64;
-use crate::error::Result;
+use crate::error::{KeelError, Result};
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -47,8 +47,22 @@ pub struct GptBenchReport {
 
 /// Times `forward_backward` in f32 on random tokens (the step's cost does
 /// not depend on the values).
+///
+/// Fails with [`crate::KeelError::Memory`] when the model's parameters,
+/// gradients and activations exceed the memory the machine has available.
 pub fn run(opts: &GptBenchOptions) -> Result<GptBenchReport> {
+    if opts.steps == 0 {
+        return Err(KeelError::config("bench-gpt.steps", "must be at least 1"));
+    }
     let mut model = Gpt::<f32>::new(opts.config.clone())?;
+    let param_bytes = 2 * model.num_params() as u128 * std::mem::size_of::<f32>() as u128;
+    crate::memory::ensure_fits(
+        &format!(
+            "a GPT step at batch {} x {} tokens",
+            opts.batch, opts.seq_len
+        ),
+        param_bytes.saturating_add(model.activation_bytes(opts.batch, opts.seq_len)),
+    )?;
     let params = model.init_params(1);
     let mut grads = model.zeros_like_params();
     let (b, t) = (opts.batch, opts.seq_len);
@@ -59,8 +73,8 @@ pub fn run(opts: &GptBenchOptions) -> Result<GptBenchReport> {
     for _ in 0..opts.warmup {
         model.forward_backward(&params, &mut grads, &tokens, &targets, b, t)?;
     }
-    let mut times = Vec::with_capacity(opts.steps.max(1));
-    for _ in 0..opts.steps.max(1) {
+    let mut times = Vec::with_capacity(opts.steps);
+    for _ in 0..opts.steps {
         let start = Instant::now();
         model.forward_backward(&params, &mut grads, &tokens, &targets, b, t)?;
         times.push(start.elapsed().as_secs_f64() * 1e3);

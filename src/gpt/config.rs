@@ -120,6 +120,13 @@ impl GptConfig {
                 return Err(KeelError::config(field, "must be at least 1"));
             }
         }
+        // The MLP's hidden width is 4C.
+        if self.n_embd.checked_mul(4).is_none() {
+            return Err(KeelError::config(
+                "n_embd",
+                format!("{} is too large", self.n_embd),
+            ));
+        }
         if !self.n_embd.is_multiple_of(self.n_head) {
             return Err(KeelError::config(
                 "n_embd",

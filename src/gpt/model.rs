@@ -162,45 +162,99 @@ fn zeros<T: Real>(n: usize) -> Vec<T> {
     vec![T::zero(); n]
 }
 
+/// The product of `dims` as a `u128`, saturating (a saturated length fails
+/// every memory check).
+fn elems(dims: &[usize]) -> u128 {
+    dims.iter().fold(1u128, |n, &d| n.saturating_mul(d as u128))
+}
+
 impl<T: Real> Workspace<T> {
-    fn new(cfg: &GptConfig, b: usize, t: usize) -> Self {
+    /// Builds the buffers for `(b, t)`, asking `alloc` for each as `(length,
+    /// fill value)`: [`Workspace::bytes`] counts with it, [`Workspace::new`]
+    /// allocates with it, so the two cannot disagree.
+    fn build(
+        cfg: &GptConfig,
+        b: usize,
+        t: usize,
+        alloc: &mut dyn FnMut(u128, T) -> Result<Vec<T>>,
+    ) -> Result<Self> {
         let (l, c, v, h) = (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_head);
-        let n = b * t;
-        let stats = |rows: usize| (zeros(rows), zeros(rows));
-        let qk = cfg.qk_norm;
-        Workspace {
+        let (qk, pre, post) = (cfg.qk_norm, cfg.norm == Norm::Pre, cfg.norm == Norm::Post);
+        let on = |flag: bool| usize::from(flag);
+        let mut stats = |dims: &[usize]| -> Result<(Vec<T>, Vec<T>)> {
+            Ok((
+                alloc(elems(dims), T::zero())?,
+                alloc(elems(dims), T::zero())?,
+            ))
+        };
+        let ln1_stats = stats(&[l, b, t])?;
+        let qkn_stats = stats(&[on(qk), l, b, t, 2, h])?;
+        let ln2_stats = stats(&[l, b, t])?;
+        let lnf_stats = stats(&[on(pre), b, t])?;
+        let mut z = |dims: &[usize]| alloc(elems(dims), T::zero());
+        Ok(Workspace {
             b,
             t,
-            resid: zeros((l + 1) * n * c),
-            ln1: zeros(l * n * c),
-            ln1_stats: stats(l * n),
-            qkv: zeros(l * n * 3 * c),
-            qkn: zeros(if qk { l * n * 2 * c } else { 0 }),
-            qkn_stats: stats(if qk { l * n * 2 * h } else { 0 }),
-            att: zeros(l * b * h * t * t),
-            atty: zeros(l * n * c),
-            s1: zeros(l * n * c),
-            ln2: zeros(l * n * c),
-            ln2_stats: stats(l * n),
-            s2: zeros(if cfg.norm == Norm::Post { l * n * c } else { 0 }),
-            fc: zeros(l * n * 4 * c),
-            fc_gelu: zeros(l * n * 4 * c),
-            lnf: zeros(if cfg.norm == Norm::Pre { n * c } else { 0 }),
-            lnf_stats: stats(if cfg.norm == Norm::Pre { n } else { 0 }),
-            logits: zeros(n * v),
-            lse: zeros(n),
-            max_logit: zeros(b),
-            branch: zeros(n * c),
-            dlogits: zeros(n * v),
-            dres: zeros(n * c),
-            dmid: zeros(n * c),
-            dln: zeros(n * c),
-            dqkv: zeros(n * 3 * c),
-            dfc: zeros(n * 4 * c),
-            datty: zeros(n * c),
-            dscores: zeros(b * t * t),
-            ones: vec![T::one(); n.max(v)],
+            resid: z(&[l.saturating_add(1), b, t, c])?,
+            ln1: z(&[l, b, t, c])?,
+            ln1_stats,
+            qkv: z(&[l, b, t, 3, c])?,
+            qkn: z(&[on(qk), l, b, t, 2, c])?,
+            qkn_stats,
+            att: z(&[l, b, h, t, t])?,
+            atty: z(&[l, b, t, c])?,
+            s1: z(&[l, b, t, c])?,
+            ln2: z(&[l, b, t, c])?,
+            ln2_stats,
+            s2: z(&[on(post), l, b, t, c])?,
+            fc: z(&[l, b, t, 4, c])?,
+            fc_gelu: z(&[l, b, t, 4, c])?,
+            lnf: z(&[on(pre), b, t, c])?,
+            lnf_stats,
+            logits: z(&[b, t, v])?,
+            lse: z(&[b, t])?,
+            max_logit: z(&[b])?,
+            branch: z(&[b, t, c])?,
+            dlogits: z(&[b, t, v])?,
+            dres: z(&[b, t, c])?,
+            dmid: z(&[b, t, c])?,
+            dln: z(&[b, t, c])?,
+            dqkv: z(&[b, t, 3, c])?,
+            dfc: z(&[b, t, 4, c])?,
+            datty: z(&[b, t, c])?,
+            dscores: z(&[b, t, t])?,
+            ones: alloc(elems(&[b, t]).max(v as u128), T::one())?,
+        })
+    }
+
+    /// Bytes the buffers for `(b, t)` take (saturating at `u128::MAX`).
+    fn bytes(cfg: &GptConfig, b: usize, t: usize) -> u128 {
+        let mut total = 0u128;
+        let mut count = |len: u128, _: T| {
+            total = total.saturating_add(len);
+            Ok(Vec::new())
+        };
+        // Counting allocates nothing, so it cannot fail.
+        let _ = Self::build(cfg, b, t, &mut count);
+        total.saturating_mul(std::mem::size_of::<T>() as u128)
+    }
+
+    /// The buffers for `(b, t)`, or [`KeelError::Memory`] when they cannot
+    /// be allocated.
+    fn new(cfg: &GptConfig, b: usize, t: usize) -> Result<Self> {
+        let what = format!("the GPT's activations at batch {b} x {t} tokens");
+        let bytes = Self::bytes(cfg, b, t);
+        if bytes > isize::MAX as u128 {
+            return Err(KeelError::Memory {
+                what,
+                needed: bytes,
+                available: crate::memory::available_memory(),
+            });
         }
+        // Every length is at most `bytes`, so it fits in `usize` here.
+        Self::build(cfg, b, t, &mut |len, fill| {
+            crate::memory::try_filled(len as usize, fill, &what)
+        })
     }
 }
 
@@ -252,6 +306,16 @@ impl<T: Real> Gpt<T> {
     pub fn new(config: GptConfig) -> Result<Self> {
         config.validate()?;
         let (specs, layout) = layout(&config);
+        let numel = specs
+            .iter()
+            .try_fold(0usize, |n, s| n.checked_add(s.checked_numel()?));
+        if numel.is_none_or(|n| n > isize::MAX as usize / std::mem::size_of::<T>()) {
+            return Err(KeelError::Memory {
+                what: "the GPT's parameters".to_string(),
+                needed: u128::MAX,
+                available: crate::memory::available_memory(),
+            });
+        }
         Ok(Gpt {
             config,
             specs,
@@ -312,6 +376,31 @@ impl<T: Real> Gpt<T> {
                 }
             })
             .collect()
+    }
+
+    /// Bytes of the activations (and backward scratch) a pass over a `[b,
+    /// t]` batch holds, `f32` or `f64` as `T`; saturates at `u128::MAX`. The
+    /// model allocates them at the first pass of that shape: a trainer can
+    /// check them against [`crate::memory::available_memory`] first.
+    ///
+    /// ```
+    /// use keel::gpt::{Gpt, GptConfig};
+    /// let model = Gpt::<f32>::new(GptConfig::new(65, 64, 2, 2, 32))?;
+    /// assert!(model.activation_bytes(8, 64) > model.activation_bytes(4, 64));
+    /// # Ok::<(), keel::KeelError>(())
+    /// ```
+    pub fn activation_bytes(&self, b: usize, t: usize) -> u128 {
+        Workspace::<T>::bytes(&self.config, b, t)
+    }
+
+    /// Reallocates the workspace when the batch shape changes; the old one is
+    /// freed first, so the two are never held together.
+    fn ensure_workspace(&mut self, b: usize, t: usize) -> Result<()> {
+        if self.ws.b != b || self.ws.t != t {
+            self.ws = Workspace::default();
+            self.ws = Workspace::new(&self.config, b, t)?;
+        }
+        Ok(())
     }
 
     /// The logits `[B, T, V]` of the last pass.
@@ -379,6 +468,7 @@ impl<T: Real> Gpt<T> {
         t: usize,
     ) -> Result<GptStats> {
         self.check_inputs(params, tokens, targets, b, t)?;
+        self.ensure_workspace(b, t)?;
         Ok(self.forward_unchecked(params, tokens, targets, b, t))
     }
 
@@ -399,6 +489,7 @@ impl<T: Real> Gpt<T> {
             grads.iter_mut().map(|g| g.as_mut().len()),
             "grad",
         )?;
+        self.ensure_workspace(b, t)?;
         let stats = self.forward_unchecked(params, tokens, Some(targets), b, t);
         self.backward(params, grads, tokens, targets);
         Ok(stats)
@@ -412,9 +503,6 @@ impl<T: Real> Gpt<T> {
         b: usize,
         t: usize,
     ) -> GptStats {
-        if self.ws.b != b || self.ws.t != t {
-            self.ws = Workspace::new(&self.config, b, t);
-        }
         let cfg = &self.config;
         let lay = &self.layout;
         let ws = &mut self.ws;
@@ -866,4 +954,101 @@ fn check_buffers(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The activations' size written out from the buffers' shapes, apart
+    /// from `Workspace::build`, for `[b, t]` (in elements).
+    fn expected_elements(cfg: &GptConfig, b: usize, t: usize) -> usize {
+        let (l, c, v, h) = (cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.n_head);
+        let n = b * t;
+        // resid, ln1, qkv, atty, s1, ln2, fc, fc_gelu; ln1 and ln2 stats;
+        // attention probabilities.
+        let mut e = (l + 1) * n * c + l * n * c * (1 + 3 + 1 + 1 + 1 + 4 + 4);
+        e += 2 * 2 * l * n + l * b * h * t * t;
+        if cfg.qk_norm {
+            e += l * n * 2 * c + 2 * l * n * 2 * h;
+        }
+        match cfg.norm {
+            Norm::Pre => e += n * c + 2 * n,
+            Norm::Post => e += l * n * c,
+        }
+        // logits, lse, max_logit, branch, dlogits, dres, dmid, dln, dqkv,
+        // dfc, datty, dscores, ones.
+        e + n * v
+            + n
+            + b
+            + n * c
+            + n * v
+            + 3 * n * c
+            + 3 * n * c
+            + 4 * n * c
+            + n * c
+            + b * t * t
+            + n.max(v)
+    }
+
+    #[test]
+    fn activation_bytes_match_the_buffers() {
+        for (norm, qk) in [
+            (Norm::Pre, false),
+            (Norm::Pre, true),
+            (Norm::Post, false),
+            (Norm::Post, true),
+        ] {
+            let mut cfg = GptConfig::new(11, 8, 3, 2, 6);
+            cfg.norm = norm;
+            cfg.qk_norm = qk;
+            for (b, t) in [(1, 1), (2, 5), (3, 8)] {
+                let want = expected_elements(&cfg, b, t);
+                assert_eq!(Workspace::<f32>::bytes(&cfg, b, t), 4 * want as u128);
+                assert_eq!(Workspace::<f64>::bytes(&cfg, b, t), 8 * want as u128);
+                let model = Gpt::<f32>::new(cfg.clone()).unwrap();
+                assert_eq!(model.activation_bytes(b, t), 4 * want as u128);
+            }
+        }
+        // A real pass over a reshaped batch still runs (the workspace follows
+        // the shape).
+        let mut model = Gpt::<f64>::new(GptConfig::new(11, 8, 1, 2, 4)).unwrap();
+        let params = model.init_params(0);
+        for (b, t) in [(2, 3), (1, 8)] {
+            let tokens: Vec<u32> = (0..b * t).map(|i| (i % 11) as u32).collect();
+            let stats = model
+                .forward(&params, &tokens, Some(&tokens), b, t)
+                .unwrap();
+            assert!((stats.loss - 11f64.ln()).abs() < 0.1, "{}", stats.loss);
+            assert_eq!(model.logits().len(), b * t * 11);
+        }
+    }
+
+    #[test]
+    fn impossible_activations_are_an_error_before_any_allocation() {
+        let cfg = GptConfig::new(65, 1 << 30, 4, 4, 64);
+        // L * B * H * T^2 attention probabilities alone: 2^4 * 2^20 * 2^60.
+        let e = Workspace::<f32>::new(&cfg, 1 << 20, 1 << 30).unwrap_err();
+        match &e {
+            KeelError::Memory { what, needed, .. } => {
+                assert!(what.contains("1048576 x 1073741824"), "{what}");
+                assert!(*needed > isize::MAX as u128);
+            }
+            other => panic!("expected a memory error, got {other:?}"),
+        }
+        assert_eq!(
+            Workspace::<f32>::bytes(&cfg, usize::MAX, usize::MAX),
+            u128::MAX
+        );
+        // Parameters whose count overflows (3C x C): refused by the
+        // constructor, and a width whose 4C overflows by validation.
+        let e = Gpt::<f32>::new(GptConfig::new(65, 8, 1, 1, 1 << 40)).unwrap_err();
+        assert!(e.to_string().contains("the GPT's parameters"), "{e}");
+        let e = Gpt::<f32>::new(GptConfig::new(65, 8, 1, 1, 1 << 62)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("`n_embd`: 4611686018427387904 is too large"),
+            "{e}"
+        );
+    }
 }

@@ -22,7 +22,7 @@ use crate::group::ParamGroup;
 use crate::guard::{
     DynamicLossScaler, LossGuard, LossGuardConfig, LossScalerConfig, ZClip, ZClipConfig,
 };
-use crate::optim::Optimizer;
+use crate::optim::{state_bytes, Optimizer};
 use crate::schedule::Schedule;
 use crate::stats::StepStats;
 use crate::tensor::ParamSpec;
@@ -535,12 +535,60 @@ pub struct Trainer {
     skipped: u64,
 }
 
+/// Bytes a [`Trainer`] of `config` holds at its peak, roughly. Held all
+/// along: parameters, gradients (this step's, the last step's, and the
+/// micro-batch sum when accumulating), the EMA copy, every optimizer's state
+/// (Shampoo's and SOAP's factors included), the loss guard's snapshot of
+/// parameters and state, and the activations of one micro-batch. On top, at
+/// a checkpoint: the model file (two copies of what it saves) or the
+/// optimizer file (three copies of the state), whichever is larger. Scratch
+/// inside a step (e.g. Shampoo's eigendecompositions) is not counted.
+fn memory_needed(config: &TrainConfig, model: &Gpt<f32>) -> u128 {
+    let f32_bytes = std::mem::size_of::<f32>();
+    let param_bytes = model.num_params() as u128 * f32_bytes as u128;
+    let specs = model.param_specs();
+    let state: u128 = specs
+        .iter()
+        .map(|s| {
+            let kind = match &config.matrix_optimizer {
+                Some(m) if is_hidden_matrix(s) => &m.kind,
+                _ => &config.optimizer.kind,
+            };
+            state_bytes(kind, s, f32_bytes)
+        })
+        .fold(0, u128::saturating_add);
+    let ema = u128::from(config.ema_decay.is_some());
+    let copies = 3 + ema + u128::from(config.grad_accum > 1);
+    let snapshot = if config.guard.is_some() {
+        param_bytes.saturating_add(state)
+    } else {
+        0
+    };
+    let checkpoint = (2 * (1 + ema + 1) * param_bytes).max(state.saturating_mul(3));
+    [
+        copies * param_bytes,
+        state,
+        snapshot,
+        checkpoint,
+        model.activation_bytes(config.batch, config.model.block_size),
+    ]
+    .into_iter()
+    .fold(0, u128::saturating_add)
+}
+
 impl Trainer {
     /// A fresh run of `config` on `data` (its vocabulary sets the model's).
+    ///
+    /// Fails with [`KeelError::Memory`] when the run would need more memory
+    /// than the machine has available (see [`crate::memory`]).
     pub fn new(mut config: TrainConfig, data: &Dataset) -> Result<Self> {
         config.model.vocab_size = data.vocab().len();
         config.validate()?;
         let model = Gpt::<f32>::new(config.model.clone())?;
+        crate::memory::ensure_fits(
+            "this training run (parameters, gradients, optimizer state and activations)",
+            memory_needed(&config, &model),
+        )?;
         let specs = model.param_specs().to_vec();
         let params = model.init_params(config.seed);
         let groups = param_groups(&config, &specs);

@@ -31,27 +31,50 @@ pub(crate) fn view_mut<T: Real>(x: &mut [T], rows: usize, cols: usize) -> MatMut
     MatMut::from_row_major_slice_mut(x, rows, cols)
 }
 
-/// Appends the row-major `n x n` identity to `out`.
-pub(crate) fn push_identity<T: Real>(out: &mut Vec<T>, n: usize) {
-    out.extend((0..n * n).map(|i| {
-        if i % (n + 1) == 0 {
-            T::one()
-        } else {
-            T::zero()
-        }
-    }));
+/// The two zero moment buffers of a matrix optimizer's parameter of `numel`
+/// elements: allocated before anything is derived from the shape, so an
+/// impossible size fails here, cheaply.
+pub(crate) fn moment_buffers<T: Real>(numel: usize, what: &str) -> crate::Result<[Vec<T>; 2]> {
+    use crate::memory::try_filled;
+    Ok([
+        try_filled(numel, T::zero(), what)?,
+        try_filled(numel, T::zero(), what)?,
+    ])
 }
 
-/// The state of a matrix optimizer's parameter of `numel` elements: two
-/// moment buffers, zero factors and the given identity matrices (roots or
-/// bases), the factors laid out like them.
-pub(crate) fn matrix_state<T: Real>(numel: usize, identities: Vec<T>) -> Vec<Vec<T>> {
-    vec![
-        vec![T::zero(); numel],
-        vec![T::zero(); numel],
-        vec![T::zero(); identities.len()],
+/// The state of a matrix optimizer's parameter: its two `moments`, then zero
+/// factors and identity matrices (roots or bases) of the sizes `dims`, laid
+/// out alike, one `n x n` row-major matrix after another. `what` names the
+/// state in a [`crate::KeelError::Memory`] error.
+pub(crate) fn matrix_state<T: Real>(
+    moments: [Vec<T>; 2],
+    dims: &[usize],
+    what: &str,
+) -> crate::Result<Vec<Vec<T>>> {
+    use crate::memory::try_filled;
+    let len = dims
+        .iter()
+        .try_fold(0usize, |len, &n| n.checked_mul(n)?.checked_add(len))
+        .ok_or_else(|| crate::KeelError::Memory {
+            what: what.to_string(),
+            needed: u128::MAX,
+            available: crate::memory::available_memory(),
+        })?;
+    let mut identities = try_filled(len, T::zero(), what)?;
+    let mut at = 0;
+    for &n in dims {
+        for i in 0..n {
+            identities[at + i * (n + 1)] = T::one();
+        }
+        at += n * n;
+    }
+    let [first, second] = moments;
+    Ok(vec![
+        first,
+        second,
+        try_filled(len, T::zero(), what)?,
         identities,
-    ]
+    ])
 }
 
 /// The mode-`j` geometry of a row-major tensor with `dims`: `(outer, n, inner)`.

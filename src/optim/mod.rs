@@ -116,18 +116,58 @@ pub fn state_slots(kind: &OptimizerKind) -> &'static [&'static str] {
 /// A fresh state for one parameter: one buffer per [`state_slots`] name,
 /// zero (Shampoo's inverse roots start as identities and its factor slots
 /// hold every block's `n x n` matrices, so their lengths differ).
+///
+/// A shape whose element count overflows is a [`crate::KeelError::Shape`]
+/// error and a buffer the allocator refuses a [`crate::KeelError::Memory`]
+/// error, not an abort.
 pub(crate) fn initial_state<T: crate::real::Real>(
     kind: &OptimizerKind,
     spec: &ParamSpec,
-) -> Vec<Vec<T>> {
+) -> crate::Result<Vec<Vec<T>>> {
+    let numel = spec.checked_numel().ok_or_else(|| {
+        crate::KeelError::shape(
+            &spec.name,
+            format!(
+                "shape {:?} has more elements than fit in memory",
+                spec.shape
+            ),
+        )
+    })?;
+    let what = format!("the optimizer state of `{}`", spec.name);
     match kind {
-        OptimizerKind::Shampoo(c) => shampoo::initial_state(&spec.shape, c.max_preconditioner_dim),
-        OptimizerKind::Soap(c) => soap::initial_state(&spec.shape, c),
+        OptimizerKind::Shampoo(c) => {
+            shampoo::initial_state(&spec.shape, numel, c.max_preconditioner_dim, &what)
+        }
+        OptimizerKind::Soap(c) => soap::initial_state(&spec.shape, numel, c, &what),
         _ => state_slots(kind)
             .iter()
-            .map(|_| vec![T::zero(); spec.numel()])
+            .map(|_| crate::memory::try_filled(numel, T::zero(), &what))
             .collect(),
     }
+}
+
+/// Bytes of the state [`initial_state`] gives `spec` at `elem_bytes` per
+/// element (saturating at `u128::MAX`): what an optimizer holds beyond the
+/// parameters and gradients.
+pub(crate) fn state_bytes(kind: &OptimizerKind, spec: &ParamSpec, elem_bytes: usize) -> u128 {
+    let Some(numel) = spec.checked_numel() else {
+        return u128::MAX;
+    };
+    let numel = numel as u128;
+    if numel * elem_bytes as u128 > isize::MAX as u128 {
+        // No buffer of it can exist; do not walk its blocks either.
+        return u128::MAX;
+    }
+    // Factor matrices of side n come twice (factors, and roots or bases).
+    let factors = |dims: Vec<usize>| -> u128 { dims.iter().map(|&n| 2 * (n as u128).pow(2)).sum() };
+    let elements = match kind {
+        OptimizerKind::Shampoo(c) => {
+            2 * numel + factors(shampoo::factor_dims(&spec.shape, c.max_preconditioner_dim))
+        }
+        OptimizerKind::Soap(c) => 2 * numel + factors(soap::factor_dims(&spec.shape, c)),
+        _ => state_slots(kind).len() as u128 * numel,
+    };
+    elements.saturating_mul(elem_bytes as u128)
 }
 
 /// Bytes moved per parameter by one CPU step of `config` at element size
@@ -167,4 +207,53 @@ pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) 
         _ => 1 + minimum / elem,
     };
     (streams * elem, minimum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::OptimizerConfig;
+
+    #[test]
+    fn state_bytes_match_the_allocated_state() {
+        let kinds = [
+            r#"{"kind": "sgd", "lr": 0.1}"#,
+            r#"{"kind": "sgd", "lr": 0.1, "momentum": 0.9}"#,
+            r#"{"kind": "adamw", "lr": 0.001}"#,
+            r#"{"kind": "lion", "lr": 0.0001}"#,
+            r#"{"kind": "muon", "lr": 0.02}"#,
+            r#"{"kind": "shampoo", "lr": 0.01, "max_preconditioner_dim": 16}"#,
+            r#"{"kind": "shampoo", "lr": 0.01}"#,
+            r#"{"kind": "soap", "lr": 0.003, "max_preconditioner_dim": 16}"#,
+            r#"{"kind": "soap", "lr": 0.003}"#,
+        ];
+        // Shapes that block (40 > 16), stay whole, merge, or are vectors.
+        let shapes: [&[usize]; 4] = [&[40, 12], &[7, 5], &[3, 4, 5], &[33]];
+        for json in kinds {
+            let kind = OptimizerConfig::from_json(json).unwrap().kind;
+            for shape in shapes {
+                if matches!(kind, OptimizerKind::Muon(_)) && shape.len() != 2 {
+                    continue;
+                }
+                let spec = ParamSpec::new("w", shape);
+                let f32_state = initial_state::<f32>(&kind, &spec).unwrap();
+                let f32_len: usize = f32_state.iter().map(Vec::len).sum();
+                assert_eq!(
+                    state_bytes(&kind, &spec, 4),
+                    4 * f32_len as u128,
+                    "{json} {shape:?}"
+                );
+                let f64_state = initial_state::<f64>(&kind, &spec).unwrap();
+                let f64_len: usize = f64_state.iter().map(Vec::len).sum();
+                assert_eq!(
+                    state_bytes(&kind, &spec, 8),
+                    8 * f64_len as u128,
+                    "{json} {shape:?}"
+                );
+            }
+        }
+        let adamw = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.001}"#).unwrap();
+        let huge = ParamSpec::new("w", [1usize << 32, 1 << 32]);
+        assert_eq!(state_bytes(&adamw.kind, &huge, 4), u128::MAX);
+    }
 }

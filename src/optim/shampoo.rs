@@ -138,21 +138,24 @@ pub(crate) fn blocks(shape: &[usize], max_dim: usize) -> Vec<Block> {
         .collect()
 }
 
-/// Length of the `factors` (and `roots`) slot of a parameter.
-pub(crate) fn factor_len(shape: &[usize], max_dim: usize) -> usize {
-    blocks(shape, max_dim).iter().map(Block::factor_len).sum()
+/// The sizes of a parameter's factor matrices (each `n x n`), in slot order.
+pub(crate) fn factor_dims(shape: &[usize], max_dim: usize) -> Vec<usize> {
+    blocks(shape, max_dim)
+        .into_iter()
+        .flat_map(|b| b.dims)
+        .collect()
 }
 
 /// Initial state of a parameter: zero moments and factors, identity roots.
-pub(crate) fn initial_state<T: Real>(shape: &[usize], max_dim: usize) -> Vec<Vec<T>> {
-    let numel: usize = shape.iter().product();
-    let mut roots = Vec::with_capacity(factor_len(shape, max_dim));
-    for b in blocks(shape, max_dim) {
-        for &n in &b.dims {
-            linalg::push_identity(&mut roots, n);
-        }
-    }
-    linalg::matrix_state(numel, roots)
+/// `numel` is the checked element count of `shape`.
+pub(crate) fn initial_state<T: Real>(
+    shape: &[usize],
+    numel: usize,
+    max_dim: usize,
+    what: &str,
+) -> crate::Result<Vec<Vec<T>>> {
+    let moments = linalg::moment_buffers(numel, what)?;
+    linalg::matrix_state(moments, &factor_dims(shape, max_dim), what)
 }
 
 /// Each block's share of a factor-length slot (factors or roots), in block

@@ -85,13 +85,6 @@ impl Sides {
         }
     }
 
-    /// Length of the `factors` (and `bases`) slot.
-    fn matrix_len(&self) -> usize {
-        let l = if self.left { self.rows * self.rows } else { 0 };
-        let r = if self.right { self.cols * self.cols } else { 0 };
-        l + r
-    }
-
     /// Splits a factor-shaped slot into its `(L, R)` parts.
     fn split<'a, T>(&self, x: &'a mut [T]) -> (Option<&'a mut [T]>, Option<&'a mut [T]>) {
         let l_len = if self.left { self.rows * self.rows } else { 0 };
@@ -100,17 +93,25 @@ impl Sides {
     }
 }
 
-/// Initial state of a parameter: zero moments and factors, identity bases.
-pub(crate) fn initial_state<T: Real>(shape: &[usize], c: &SoapConfig) -> Vec<Vec<T>> {
+/// The sizes of a parameter's factor matrices (each `n x n`), in slot order.
+pub(crate) fn factor_dims(shape: &[usize], c: &SoapConfig) -> Vec<usize> {
     let sides = Sides::of(shape, c);
-    let numel: usize = shape.iter().product();
-    let mut bases = Vec::with_capacity(sides.matrix_len());
-    for (on, n) in [(sides.left, sides.rows), (sides.right, sides.cols)] {
-        if on {
-            linalg::push_identity(&mut bases, n);
-        }
-    }
-    linalg::matrix_state(numel, bases)
+    [(sides.left, sides.rows), (sides.right, sides.cols)]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect()
+}
+
+/// Initial state of a parameter: zero moments and factors, identity bases.
+/// `numel` is the checked element count of `shape`.
+pub(crate) fn initial_state<T: Real>(
+    shape: &[usize],
+    numel: usize,
+    c: &SoapConfig,
+    what: &str,
+) -> crate::Result<Vec<Vec<T>>> {
+    let moments = linalg::moment_buffers(numel, what)?;
+    linalg::matrix_state(moments, &factor_dims(shape, c), what)
 }
 
 /// Which way [`rotate`] turns a matrix.

@@ -646,7 +646,7 @@ mod tests {
             for (spec, p) in specs.iter().zip(init) {
                 let pa = m.alloc(4 * p.len());
                 m.write(pa, p);
-                let initial: Vec<Vec<f32>> = initial_state(&config.kind, spec);
+                let initial: Vec<Vec<f32>> = initial_state(&config.kind, spec).unwrap();
                 let state = initial
                     .iter()
                     .map(|b| {

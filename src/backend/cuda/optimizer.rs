@@ -216,7 +216,7 @@ impl Core {
         let mut state_lens = Vec::with_capacity(n);
         for spec in &specs {
             // Zeros, except Shampoo's roots, which start as identities.
-            let initial: Vec<Vec<f32>> = initial_state(&config.kind, spec);
+            let initial: Vec<Vec<f32>> = initial_state(&config.kind, spec)?;
             let mut slots = Vec::with_capacity(initial.len());
             for buf in &initial {
                 slots.push(to_device(&stream, buf)?);
