@@ -496,17 +496,16 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
         } else {
             config.optimizer =
                 OptimizerConfig::from_json(&format!(r#"{{"kind": "{kind}", "lr": {lr}}}"#))
-                    .map_err(|e| KeelError::config("--optimizer", e.to_string()))?;
+                    .map_err(|e| flag_error("--optimizer", e))?;
         }
     }
     if let Some(lr) = a.lr {
         config
             .optimizer
             .set_lr(lr)
-            .map_err(|e| KeelError::config("--lr", e.to_string()))?;
+            .map_err(|e| flag_error("--lr", e))?;
         if let Some(m) = config.matrix_optimizer.as_mut() {
-            m.set_lr(lr)
-                .map_err(|e| KeelError::config("--lr", e.to_string()))?;
+            m.set_lr(lr).map_err(|e| flag_error("--lr", e))?;
         }
     }
     config.batch = a.batch.unwrap_or(config.batch);
@@ -655,4 +654,15 @@ fn set_threads(threads: usize) -> Result<(), KeelError> {
         .num_threads(threads)
         .build_global()
         .map_err(|e| KeelError::config("threads", e.to_string()))
+}
+
+/// An error about a command-line flag: a configuration error inside names
+/// the flag, with the config field it landed in.
+fn flag_error(flag: &str, e: KeelError) -> KeelError {
+    match e {
+        KeelError::Config { field, message } => {
+            KeelError::config(flag, format!("{message} (as `{field}`)"))
+        }
+        other => KeelError::config(flag, other.to_string()),
+    }
 }

@@ -24,6 +24,17 @@ use crate::error::{KeelError, Result};
 /// The default corpus: Tiny Shakespeare (1,115,394 characters, 65 distinct).
 pub const TINY_SHAKESPEARE: &str = include_str!("../../data/tinyshakespeare.txt");
 
+/// Everything `reader` holds if that is at most `limit` bytes (`None` when
+/// there is more).
+fn read_at_most(reader: impl std::io::Read, limit: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    reader
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= limit).then_some(bytes))
+}
+
 /// A character-level vocabulary: the sorted distinct characters of a text.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CharVocab {
@@ -115,9 +126,42 @@ impl Dataset {
 
     /// Reads a UTF-8 text file; errors name the file (missing, unreadable,
     /// not UTF-8, empty, or too short for `seq_len`).
+    ///
+    /// A file larger than the memory available can hold with its encoding (4
+    /// bytes per character on top of the text) is a [`KeelError::Memory`]
+    /// error before anything is read; a pipe or a device that goes on past
+    /// that size is a [`KeelError::Data`] error once the size is reached.
     pub fn from_file(path: &Path, seq_len: usize) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| KeelError::Data(format!("cannot read `{}`: {e}", path.display())))?;
+        let cannot =
+            |e: std::io::Error| KeelError::Data(format!("cannot read `{}`: {e}", path.display()));
+        let file = std::fs::File::open(path).map_err(cannot)?;
+        // The text, its ids (4 bytes per character) and the split copy.
+        let available = crate::memory::available_memory();
+        let limit = available.map_or(u64::MAX, |a| a / 6);
+        let too_large = |text_bytes: u64| KeelError::Memory {
+            what: format!("the training text `{}` and its encoding", path.display()),
+            needed: text_bytes as u128 * 6,
+            available,
+        };
+        // A regular file says its size; a pipe is read up to the limit.
+        let size = file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len());
+        if let Some(size) = size.filter(|&s| s > limit) {
+            return Err(too_large(size));
+        }
+        let bytes = read_at_most(file, limit)
+            .map_err(cannot)?
+            .ok_or_else(|| {
+                KeelError::Data(format!(
+                    "`{}` goes on past {}: with its encoding that is more than the {} of memory available",
+                    path.display(),
+                    crate::memory::human_bytes(limit.into()),
+                    crate::memory::human_bytes(available.unwrap_or(0).into()),
+                ))
+            })?;
         let text = String::from_utf8(bytes)
             .map_err(|e| KeelError::Data(format!("`{}` is not UTF-8 text: {e}", path.display())))?;
         Self::from_text(&text, seq_len)
@@ -240,5 +284,26 @@ fn strip(e: &KeelError) -> String {
     match e {
         KeelError::Data(m) => m.clone(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reading_stops_past_the_limit() {
+        let text = b"0123456789";
+        assert_eq!(
+            read_at_most(&text[..], 10).unwrap().as_deref(),
+            Some(&text[..])
+        );
+        assert_eq!(read_at_most(&text[..], 9).unwrap(), None);
+        assert_eq!(
+            read_at_most(&text[..], u64::MAX).unwrap().unwrap().len(),
+            10
+        );
+        // An endless reader (like /dev/zero) ends at the limit.
+        assert_eq!(read_at_most(std::io::repeat(b'a'), 1 << 20).unwrap(), None);
     }
 }
