@@ -305,6 +305,12 @@ pub(crate) fn check_options(opts: &BenchOptions) -> Result<()> {
     if opts.steps == 0 {
         return Err(KeelError::config("bench.steps", "must be at least 1"));
     }
+    // The per-tensor lists (sizes, names and shapes) come before the buffers.
+    let per_tensor = std::mem::size_of::<ParamSpec>() as u128 + 64;
+    crate::memory::ensure_fits(
+        &format!("the list of {} tensors", opts.tensors),
+        per_tensor * opts.tensors as u128,
+    )?;
     opts.config.validate()
 }
 

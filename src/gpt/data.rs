@@ -127,10 +127,11 @@ impl Dataset {
     /// Reads a UTF-8 text file; errors name the file (missing, unreadable,
     /// not UTF-8, empty, or too short for `seq_len`).
     ///
-    /// A file larger than the memory available can hold with its encoding (4
-    /// bytes per character on top of the text) is a [`KeelError::Memory`]
-    /// error before anything is read; a pipe or a device that goes on past
-    /// that size is a [`KeelError::Data`] error once the size is reached.
+    /// A file larger than a sixth of the memory available is a
+    /// [`KeelError::Memory`] error before anything is read (the text, its
+    /// encoding at 4 bytes per character and the split's copy take about 6
+    /// bytes per byte of text); a pipe or a device that goes on past that
+    /// size is a [`KeelError::Data`] error once the size is reached.
     pub fn from_file(path: &Path, seq_len: usize) -> Result<Self> {
         let cannot =
             |e: std::io::Error| KeelError::Data(format!("cannot read `{}`: {e}", path.display()));

@@ -162,6 +162,25 @@ fn zeros<T: Real>(n: usize) -> Vec<T> {
     vec![T::zero(); n]
 }
 
+/// An upper bound of the parameter count of `cfg` (saturating): the
+/// embeddings, and per block `12 C^2` weights plus at most `17 C` biases,
+/// gains and qk-norm gains.
+fn param_bound(cfg: &GptConfig) -> u128 {
+    let c = cfg.n_embd as u128;
+    let per_block = c
+        .saturating_mul(c)
+        .saturating_mul(12)
+        .saturating_add(17 * c);
+    [
+        elems(&[cfg.vocab_size, cfg.n_embd]),
+        elems(&[cfg.block_size, cfg.n_embd]),
+        per_block.saturating_mul(cfg.n_layer as u128),
+        2 * c,
+    ]
+    .into_iter()
+    .fold(0, u128::saturating_add)
+}
+
 /// The product of `dims` as a `u128`, saturating (a saturated length fails
 /// every memory check).
 fn elems(dims: &[usize]) -> u128 {
@@ -252,8 +271,9 @@ impl<T: Real> Workspace<T> {
             });
         }
         // Every length is at most `bytes`, so it fits in `usize` here.
-        Self::build(cfg, b, t, &mut |len, fill| {
-            crate::memory::try_filled(len as usize, fill, &what)
+        Self::build(cfg, b, t, &mut |len, fill| match fill == T::zero() {
+            true => crate::memory::try_zeros(len as usize, &what),
+            false => crate::memory::try_filled(len as usize, fill, &what),
         })
     }
 }
@@ -303,19 +323,28 @@ pub struct Gpt<T: Real> {
 impl<T: Real> Gpt<T> {
     /// A model of `config` (validated); the workspace is allocated at the
     /// first pass.
+    ///
+    /// A configuration whose parameters could not be addressed, or whose
+    /// list of parameter tensors would not fit in the memory available, is a
+    /// [`KeelError::Memory`] error; the parameters themselves are not
+    /// allocated here (see [`Gpt::init_params`]).
     pub fn new(config: GptConfig) -> Result<Self> {
         config.validate()?;
-        let (specs, layout) = layout(&config);
-        let numel = specs
-            .iter()
-            .try_fold(0usize, |n, s| n.checked_add(s.checked_numel()?));
-        if numel.is_none_or(|n| n > isize::MAX as usize / std::mem::size_of::<T>()) {
+        let bytes = param_bound(&config).saturating_mul(std::mem::size_of::<T>() as u128);
+        if bytes > isize::MAX as u128 {
             return Err(KeelError::Memory {
                 what: "the GPT's parameters".to_string(),
-                needed: u128::MAX,
+                needed: bytes,
                 available: crate::memory::available_memory(),
             });
         }
+        // About 16 named tensors per block, each a name and a shape.
+        let per_block = 16 * (std::mem::size_of::<ParamSpec>() as u128 + 48);
+        crate::memory::ensure_fits(
+            "the GPT's list of parameter tensors",
+            per_block.saturating_mul(config.n_layer as u128),
+        )?;
+        let (specs, layout) = layout(&config);
         Ok(Gpt {
             config,
             specs,
@@ -1025,6 +1054,44 @@ mod tests {
     }
 
     #[test]
+    fn the_parameter_bound_holds() {
+        for (norm, qk) in [(Norm::Pre, false), (Norm::Pre, true), (Norm::Post, true)] {
+            for (v, bs, l, h, c) in [(11, 8, 3, 2, 6), (65, 64, 1, 4, 32), (2, 1, 2, 1, 1)] {
+                let mut cfg = GptConfig::new(v, bs, l, h, c);
+                cfg.norm = norm;
+                cfg.qk_norm = qk;
+                let n = Gpt::<f32>::new(cfg.clone()).unwrap().num_params() as u128;
+                let bound = param_bound(&cfg);
+                // Exceeds the count by at most the 4C per block that
+                // qk-norm's gains take when it is on.
+                assert!(
+                    bound >= n && bound - n <= 4 * (c * l) as u128 + 2 * c as u128,
+                    "{cfg:?}"
+                );
+            }
+        }
+    }
+
+    /// A pass whose activations cannot be allocated fails, and the model
+    /// still runs passes of other shapes afterwards.
+    #[cfg(all(target_os = "linux", target_pointer_width = "64"))]
+    #[test]
+    fn a_refused_workspace_leaves_the_model_usable() {
+        // T = 2^20 (4 MiB of tokens), 16 blocks of 16 heads: 2^48 attention
+        // probabilities (1 PiB), which the allocator refuses.
+        let t = 1 << 20;
+        let mut model = Gpt::<f32>::new(GptConfig::new(65, t, 16, 16, 16)).unwrap();
+        let params = model.init_params(0);
+        let tokens: Vec<u32> = (0..t).map(|i| (i % 65) as u32).collect();
+        let e = model.forward(&params, &tokens, None, 1, t).unwrap_err();
+        assert!(matches!(e, KeelError::Memory { .. }), "{e:?}");
+        let stats = model
+            .forward(&params, &tokens[..4], Some(&tokens[1..5]), 1, 4)
+            .unwrap();
+        assert!((stats.loss - 65f64.ln()).abs() < 0.1, "{}", stats.loss);
+    }
+
+    #[test]
     fn impossible_activations_are_an_error_before_any_allocation() {
         let cfg = GptConfig::new(65, 1 << 30, 4, 4, 64);
         // L * B * H * T^2 attention probabilities alone: 2^4 * 2^20 * 2^60.
@@ -1040,10 +1107,13 @@ mod tests {
             Workspace::<f32>::bytes(&cfg, usize::MAX, usize::MAX),
             u128::MAX
         );
-        // Parameters whose count overflows (3C x C): refused by the
-        // constructor, and a width whose 4C overflows by validation.
+        // Parameters beyond any address space (12 C^2 with C = 2^40):
+        // refused by the constructor, with their size; so are 2^50 blocks
+        // (their list alone), and a width whose 4C overflows by validation.
         let e = Gpt::<f32>::new(GptConfig::new(65, 8, 1, 1, 1 << 40)).unwrap_err();
-        assert!(e.to_string().contains("the GPT's parameters"), "{e}");
+        assert!(e.to_string().contains("the GPT's parameters: needs"), "{e}");
+        let e = Gpt::<f32>::new(GptConfig::new(65, 8, 1 << 50, 1, 2)).unwrap_err();
+        assert!(e.to_string().contains("list of parameter tensors"), "{e}");
         let e = Gpt::<f32>::new(GptConfig::new(65, 8, 1, 1, 1 << 62)).unwrap_err();
         assert!(
             e.to_string()

@@ -35,11 +35,8 @@ pub(crate) fn view_mut<T: Real>(x: &mut [T], rows: usize, cols: usize) -> MatMut
 /// elements: allocated before anything is derived from the shape, so an
 /// impossible size fails here, cheaply.
 pub(crate) fn moment_buffers<T: Real>(numel: usize, what: &str) -> crate::Result<[Vec<T>; 2]> {
-    use crate::memory::try_filled;
-    Ok([
-        try_filled(numel, T::zero(), what)?,
-        try_filled(numel, T::zero(), what)?,
-    ])
+    use crate::memory::try_zeros;
+    Ok([try_zeros(numel, what)?, try_zeros(numel, what)?])
 }
 
 /// The state of a matrix optimizer's parameter: its two `moments`, then zero
@@ -51,7 +48,7 @@ pub(crate) fn matrix_state<T: Real>(
     dims: &[usize],
     what: &str,
 ) -> crate::Result<Vec<Vec<T>>> {
-    use crate::memory::try_filled;
+    use crate::memory::try_zeros;
     let len = dims
         .iter()
         .try_fold(0usize, |len, &n| n.checked_mul(n)?.checked_add(len))
@@ -60,7 +57,7 @@ pub(crate) fn matrix_state<T: Real>(
             needed: u128::MAX,
             available: crate::memory::available_memory(),
         })?;
-    let mut identities = try_filled(len, T::zero(), what)?;
+    let mut identities = try_zeros(len, what)?;
     let mut at = 0;
     for &n in dims {
         for i in 0..n {
@@ -69,12 +66,7 @@ pub(crate) fn matrix_state<T: Real>(
         at += n * n;
     }
     let [first, second] = moments;
-    Ok(vec![
-        first,
-        second,
-        try_filled(len, T::zero(), what)?,
-        identities,
-    ])
+    Ok(vec![first, second, try_zeros(len, what)?, identities])
 }
 
 /// The mode-`j` geometry of a row-major tensor with `dims`: `(outer, n, inner)`.

@@ -114,8 +114,9 @@ pub fn state_slots(kind: &OptimizerKind) -> &'static [&'static str] {
 }
 
 /// A fresh state for one parameter: one buffer per [`state_slots`] name,
-/// zero (Shampoo's inverse roots start as identities and its factor slots
-/// hold every block's `n x n` matrices, so their lengths differ).
+/// zero (Shampoo's inverse roots and SOAP's eigenbases start as identities,
+/// and their factor slots hold every block's `n x n` matrices, so their
+/// lengths differ).
 ///
 /// A shape whose element count overflows is a [`crate::KeelError::Shape`]
 /// error and a buffer the allocator refuses a [`crate::KeelError::Memory`]
@@ -141,7 +142,7 @@ pub(crate) fn initial_state<T: crate::real::Real>(
         OptimizerKind::Soap(c) => soap::initial_state(&spec.shape, numel, c, &what),
         _ => state_slots(kind)
             .iter()
-            .map(|_| crate::memory::try_filled(numel, T::zero(), &what))
+            .map(|_| crate::memory::try_zeros(numel, &what))
             .collect(),
     }
 }
@@ -158,13 +159,17 @@ pub(crate) fn state_bytes(kind: &OptimizerKind, spec: &ParamSpec, elem_bytes: us
         // No buffer of it can exist; do not walk its blocks either.
         return u128::MAX;
     }
-    // Factor matrices of side n come twice (factors, and roots or bases).
-    let factors = |dims: Vec<usize>| -> u128 { dims.iter().map(|&n| 2 * (n as u128).pow(2)).sum() };
+    // Two moments, then the factor matrices twice (factors, and roots or
+    // bases). Shampoo's are counted without listing its blocks, which may be
+    // many.
     let elements = match kind {
         OptimizerKind::Shampoo(c) => {
-            2 * numel + factors(shampoo::factor_dims(&spec.shape, c.max_preconditioner_dim))
+            2 * numel + 2 * shampoo::factor_elements(&spec.shape, c.max_preconditioner_dim)
         }
-        OptimizerKind::Soap(c) => 2 * numel + factors(soap::factor_dims(&spec.shape, c)),
+        OptimizerKind::Soap(c) => {
+            let dims = soap::factor_dims(&spec.shape, c);
+            2 * numel + 2 * dims.iter().map(|&n| (n as u128).pow(2)).sum::<u128>()
+        }
         _ => state_slots(kind).len() as u128 * numel,
     };
     elements.saturating_mul(elem_bytes as u128)

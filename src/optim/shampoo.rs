@@ -146,6 +146,28 @@ pub(crate) fn factor_dims(shape: &[usize], max_dim: usize) -> Vec<usize> {
         .collect()
 }
 
+/// Elements of a parameter's `factors` slot (`roots` has as many), from the
+/// block counts alone: every mode's pieces (`max_dim`-sized, then the rest)
+/// meet every piece of the other modes once. `numel` must not overflow.
+pub(crate) fn factor_elements(shape: &[usize], max_dim: usize) -> u128 {
+    let merged = merged_dims(shape, max_dim);
+    let m = max_dim as u128;
+    let counts: Vec<u128> = merged.iter().map(|&d| (d as u128).div_ceil(m)).collect();
+    merged
+        .iter()
+        .enumerate()
+        .map(|(j, &d)| {
+            let d = d as u128;
+            let squares = (d / m) * m * m + (d % m) * (d % m);
+            let others: u128 = (0..counts.len())
+                .filter(|&k| k != j)
+                .map(|k| counts[k])
+                .product();
+            squares * others
+        })
+        .sum()
+}
+
 /// Initial state of a parameter: zero moments and factors, identity roots.
 /// `numel` is the checked element count of `shape`.
 pub(crate) fn initial_state<T: Real>(

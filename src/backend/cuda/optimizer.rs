@@ -197,7 +197,15 @@ impl Core {
         let mut table = Vec::new();
         let mut chunk_start = vec![0i32];
         for (i, spec) in specs.iter().enumerate() {
-            let n = spec.numel();
+            let n = spec.checked_numel().ok_or_else(|| {
+                KeelError::shape(
+                    &spec.name,
+                    format!(
+                        "shape {:?} has more elements than fit in memory",
+                        spec.shape
+                    ),
+                )
+            })?;
             let tensor = u32::try_from(i)
                 .map_err(|_| KeelError::Cuda("too many tensors for one optimizer".into()))?;
             for offset in (0..n).step_by(CHUNK) {
@@ -215,7 +223,8 @@ impl Core {
         let mut state = Vec::with_capacity(n);
         let mut state_lens = Vec::with_capacity(n);
         for spec in &specs {
-            // Zeros, except Shampoo's roots, which start as identities.
+            // Zeros, except Shampoo's roots and SOAP's bases, which start as
+            // identities.
             let initial: Vec<Vec<f32>> = initial_state(&config.kind, spec)?;
             let mut slots = Vec::with_capacity(initial.len());
             for buf in &initial {
