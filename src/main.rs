@@ -650,6 +650,15 @@ fn print_json(report: &impl serde::Serialize) -> Result<(), KeelError> {
 
 /// Sizes rayon's global pool (once per process).
 fn set_threads(threads: usize) -> Result<(), KeelError> {
+    // Each worker is an OS thread with its own stack: far past the cores,
+    // more threads only slow the run down (or never finish starting).
+    const MAX_THREADS: usize = 1024;
+    if !(1..=MAX_THREADS).contains(&threads) {
+        return Err(KeelError::config(
+            "--threads",
+            format!("{threads} is not in 1..={MAX_THREADS} (leave it out to use every core)"),
+        ));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .build_global()

@@ -1,0 +1,133 @@
+//! The `keel` binary answers bad sizes and flags with an error line and exit
+//! status 2, not an abort, an out-of-memory kill or a silent default.
+
+use std::process::Command;
+
+/// Runs `keel args...`; returns the exit status and stderr.
+fn keel(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .output()
+        .expect("the keel binary runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[track_caller]
+fn assert_refused(args: &[&str], needles: &[&str]) {
+    let (code, stderr) = keel(args);
+    assert_eq!(code, Some(2), "keel {args:?}: {stderr}");
+    assert!(stderr.starts_with("error: "), "keel {args:?}: {stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "keel {args:?}: {stderr:?} lacks {n:?}");
+    }
+}
+
+/// The memory checks read /proc/meminfo.
+#[cfg(target_os = "linux")]
+#[test]
+fn runs_larger_than_memory_are_refused_up_front() {
+    // 10^14 AdamW parameters: 2.1 PiB with the floor loop's buffers.
+    assert_refused(
+        &[
+            "bench",
+            "--optimizer",
+            "adamw",
+            "--params",
+            "100000000000000",
+            "--steps",
+            "2",
+        ],
+        &[
+            "not enough memory for a benchmark of 100000000000000 parameters",
+            "PiB",
+            "available",
+        ],
+    );
+    // 10^5 x 10^4 positions: the attention probabilities alone are TiBs.
+    assert_refused(
+        &[
+            "bench-gpt",
+            "--batch",
+            "100000",
+            "--seq-len",
+            "10000",
+            "--steps",
+            "1",
+        ],
+        &[
+            "not enough memory for a GPT step at batch 100000 x 10000 tokens",
+            "TiB",
+        ],
+    );
+    let out = tempfile::tempdir().unwrap();
+    let out = out.path().to_str().unwrap();
+    assert_refused(
+        &[
+            "train",
+            "--n-embd",
+            "200000",
+            "--n-layer",
+            "8",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            out,
+        ],
+        &["not enough memory for this training run", "TiB"],
+    );
+}
+
+#[test]
+fn bad_counts_name_the_flag() {
+    assert_refused(
+        &["bench-gpt", "--steps", "0"],
+        &["`bench-gpt.steps`: must be at least 1"],
+    );
+    assert_refused(
+        &[
+            "bench",
+            "--optimizer",
+            "adamw",
+            "--params",
+            "10",
+            "--steps",
+            "0",
+        ],
+        &["`bench.steps`: must be at least 1"],
+    );
+    for threads in ["0", "100000"] {
+        assert_refused(
+            &[
+                "bench",
+                "--optimizer",
+                "adamw",
+                "--params",
+                "10",
+                "--steps",
+                "1",
+                "--threads",
+                threads,
+            ],
+            &["`--threads`", "is not in 1..=1024"],
+        );
+    }
+    assert_refused(
+        &[
+            "train",
+            "--lr",
+            "NaN",
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            "/nonexistent/x",
+        ],
+        &["`--lr`: must be finite and >= 0, got NaN (as `adamw.lr`)"],
+    );
+}
