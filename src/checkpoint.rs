@@ -8,12 +8,13 @@
 //! and groups, the element type, and a CRC-32 of all of it and of the tensor
 //! bytes, so that a corrupted file is refused rather than silently resumed.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::{Dtype, View};
 use safetensors::SafeTensors;
 
 use crate::config::OptimizerConfig;
@@ -154,9 +155,10 @@ fn err(path: &Path, message: impl Into<String>) -> KeelError {
     }
 }
 
-/// CRC-32 over every metadata entry but the checksum itself (sorted by key)
-/// and every tensor (sorted by name): any flipped byte is caught.
-fn checksum(meta: &HashMap<String, String>, tensors: &[(String, Vec<u8>)]) -> u32 {
+/// The CRC-32 of a file: every metadata entry but the checksum itself
+/// (sorted by key), then every tensor (sorted by name, fed one at a time
+/// with [`add_tensor`]): any flipped byte is caught.
+fn checksum_of_metadata(meta: &HashMap<String, String>) -> crc32fast::Hasher {
     let mut h = crc32fast::Hasher::new();
     let mut keys: Vec<&String> = meta.keys().filter(|k| k.as_str() != "crc32").collect();
     keys.sort();
@@ -166,24 +168,50 @@ fn checksum(meta: &HashMap<String, String>, tensors: &[(String, Vec<u8>)]) -> u3
         h.update(meta[k].as_bytes());
         h.update(&[0]);
     }
-    for (name, bytes) in tensors {
-        h.update(name.as_bytes());
-        h.update(bytes);
-    }
-    h.finalize()
+    h
 }
 
-/// Serializes a state dict to safetensors bytes.
-pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
+/// Adds one tensor to a checksum begun by [`checksum_of_metadata`].
+fn add_tensor(h: &mut crc32fast::Hasher, name: &str, bytes: &[u8]) {
+    h.update(name.as_bytes());
+    h.update(bytes);
+}
+
+/// A state tensor as the safetensors writer sees it: its little-endian bytes
+/// are made only when the writer reaches it, so that at most one tensor's
+/// bytes exist besides the state itself.
+struct LeBytesView<'a>(&'a StateTensor);
+
+impl View for LeBytesView<'_> {
+    fn dtype(&self) -> Dtype {
+        match self.0.data {
+            StateData::F32(_) => Dtype::F32,
+            StateData::F64(_) => Dtype::F64,
+        }
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.0.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.0.data.to_le_bytes())
+    }
+
+    fn data_len(&self) -> usize {
+        match &self.0.data {
+            StateData::F32(v) => 4 * v.len(),
+            StateData::F64(v) => 8 * v.len(),
+        }
+    }
+}
+
+/// The metadata of a state file, its checksum included (which converts
+/// every tensor to bytes once, one at a time).
+fn metadata(state: &StateDict) -> Result<HashMap<String, String>> {
     let json = |what: &str, v: serde_json::Result<String>| {
         v.map_err(|e| KeelError::State(format!("cannot serialize {what}: {e}")))
     };
-    let mut named: Vec<(String, Vec<u8>)> = state
-        .tensors
-        .iter()
-        .map(|t| (t.name.clone(), t.data.to_le_bytes()))
-        .collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), FORMAT.to_string());
     meta.insert("format_version".to_string(), FORMAT_VERSION.to_string());
@@ -205,22 +233,43 @@ pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
         "extra".to_string(),
         json("extra", serde_json::to_string(&state.extra))?,
     );
-    let crc = checksum(&meta, &named);
-    meta.insert("crc32".to_string(), format!("{crc:08x}"));
-    let by_name: HashMap<&str, &StateTensor> =
-        state.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    let mut views = Vec::with_capacity(named.len());
-    for (name, bytes) in &named {
-        let t = by_name[name.as_str()];
-        let dtype = match t.data {
-            StateData::F32(_) => Dtype::F32,
-            StateData::F64(_) => Dtype::F64,
-        };
-        let view = TensorView::new(dtype, t.shape.clone(), bytes)
-            .map_err(|e| KeelError::State(format!("tensor `{name}`: {e}")))?;
-        views.push((name.clone(), view));
+    let mut by_name: Vec<&StateTensor> = state.tensors.iter().collect();
+    by_name.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut crc = checksum_of_metadata(&meta);
+    for t in by_name {
+        add_tensor(&mut crc, &t.name, &t.data.to_le_bytes());
     }
-    safetensors::serialize(views, Some(meta))
+    meta.insert("crc32".to_string(), format!("{:08x}", crc.finalize()));
+    Ok(meta)
+}
+
+/// The tensors of `state` as lazily converted views, checked against their
+/// shapes.
+fn views(state: &StateDict) -> Result<Vec<(&str, LeBytesView<'_>)>> {
+    state
+        .tensors
+        .iter()
+        .map(|t| {
+            let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            let len = match &t.data {
+                StateData::F32(v) => v.len(),
+                StateData::F64(v) => v.len(),
+            };
+            if numel != Some(len) {
+                return Err(KeelError::State(format!(
+                    "tensor `{}`: {len} values do not fill shape {:?}",
+                    t.name, t.shape
+                )));
+            }
+            Ok((t.name.as_str(), LeBytesView(t)))
+        })
+        .collect()
+}
+
+/// Serializes a state dict to safetensors bytes (the same bytes [`save`]
+/// writes).
+pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
+    safetensors::serialize(views(state)?, Some(metadata(state)?))
         .map_err(|e| KeelError::State(format!("cannot serialize state: {e}")))
 }
 
@@ -281,7 +330,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
         .parse()
         .map_err(|_| err(path, "metadata `step` is not a number"))?;
 
-    let mut named: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut crc = checksum_of_metadata(meta);
     let mut tensors = Vec::new();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
     names.sort();
@@ -310,7 +359,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
                 ))
             }
         };
-        named.push((name.clone(), bytes.to_vec()));
+        add_tensor(&mut crc, &name, bytes);
         tensors.push(StateTensor {
             name,
             shape: view.shape().to_vec(),
@@ -318,7 +367,7 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
         });
     }
     let want = get("crc32")?;
-    let got = format!("{:08x}", checksum(meta, &named));
+    let got = format!("{:08x}", crc.finalize());
     if *want != got {
         return Err(err(
             path,
@@ -338,27 +387,54 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
 
 /// Writes `state` to `path` atomically: a temporary file in the same folder,
 /// flushed to disk, then renamed over `path`.
+///
+/// The file is written tensor by tensor, so saving holds at most one
+/// tensor's bytes besides the state itself.
 pub fn save(path: &Path, state: &StateDict) -> Result<()> {
-    let bytes = to_bytes(state)?;
-    write_atomic(path, &bytes)
+    serialize_atomic(path, views(state)?, metadata(state)?)
+}
+
+/// Writes safetensors `views` and `meta` to `path` as [`write_atomic`] does,
+/// one tensor at a time, with the permissions a plain file creation gives
+/// (safetensors writes through a private temporary file of its own).
+pub(crate) fn serialize_atomic<S, V>(
+    path: &Path,
+    views: Vec<(S, V)>,
+    meta: HashMap<String, String>,
+) -> Result<()>
+where
+    S: AsRef<str> + Ord + std::fmt::Display,
+    V: View,
+{
+    write_atomic_with(path, |tmp| {
+        let permissions = fs::File::create(tmp)?.metadata()?.permissions();
+        safetensors::serialize_to_file(views, Some(meta), tmp).map_err(std::io::Error::other)?;
+        fs::set_permissions(tmp, permissions)
+    })
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so a crash
 /// leaves either the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| fs::File::create(tmp)?.write_all(bytes))
+}
+
+/// [`write_atomic`] where `write` creates and fills the temporary file at the
+/// path it is given; the file is then flushed to disk and renamed over
+/// `path`.
+fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<()>) -> Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| err(path, "path has no file name"))?
         .to_string_lossy()
         .into_owned();
     let tmp: PathBuf = path.with_file_name(format!(".{file_name}.{}.tmp", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+    let write_then_rename = || -> std::io::Result<()> {
+        write(&tmp)?;
+        fs::File::open(&tmp)?.sync_all()?;
         fs::rename(&tmp, path)
     };
-    write().map_err(|e| {
+    write_then_rename().map_err(|e| {
         let _ = fs::remove_file(&tmp);
         err(path, format!("cannot write: {e}"))
     })

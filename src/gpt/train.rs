@@ -540,9 +540,9 @@ pub struct Trainer {
 /// micro-batch sum when accumulating), the EMA copy, every optimizer's state
 /// (Shampoo's and SOAP's factors included), the loss guard's snapshot of
 /// parameters and state, and the activations of one micro-batch. On top, at
-/// a checkpoint: the model file (two copies of what it saves) or the
-/// optimizer file (three copies of the state), whichever is larger. Scratch
-/// inside a step (e.g. Shampoo's eigendecompositions) is not counted.
+/// a checkpoint: the optimizer's state dict (a copy of its state; the files
+/// are written one tensor at a time). Scratch inside a step (e.g. Shampoo's
+/// eigendecompositions) is not counted.
 fn memory_needed(config: &TrainConfig, model: &Gpt<f32>) -> u128 {
     let f32_bytes = std::mem::size_of::<f32>();
     let param_bytes = model.num_params() as u128 * f32_bytes as u128;
@@ -564,7 +564,7 @@ fn memory_needed(config: &TrainConfig, model: &Gpt<f32>) -> u128 {
     } else {
         0
     };
-    let checkpoint = (2 * (1 + ema + 1) * param_bytes).max(state.saturating_mul(3));
+    let checkpoint = state;
     [
         copies * param_bytes,
         state,
@@ -1015,34 +1015,22 @@ impl Trainer {
         );
         meta.insert("vocab".to_string(), data.vocab().chars().iter().collect());
         let specs = self.model.param_specs();
-        let mut bytes: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+        // Written tensor by tensor (see `F32View`): no copy of the model is
+        // held in memory.
+        let mut views: Vec<(String, F32View)> = Vec::new();
         for (s, p) in specs.iter().zip(&self.params) {
-            bytes.push((s.name.clone(), le_bytes(p), s.shape.clone()));
+            views.push((s.name.clone(), F32View(p, &s.shape)));
         }
         if let Some(ema) = &self.ema {
             for (s, p) in specs.iter().zip(ema) {
-                bytes.push((format!("ema.{}", s.name), le_bytes(p), s.shape.clone()));
+                views.push((format!("ema.{}", s.name), F32View(p, &s.shape)));
             }
         }
         // The gradient of the last step feeds the next step's cosine metric.
         for (s, p) in specs.iter().zip(&self.prev_grads) {
-            bytes.push((
-                format!("prev_grad.{}", s.name),
-                le_bytes(p),
-                s.shape.clone(),
-            ));
+            views.push((format!("prev_grad.{}", s.name), F32View(p, &s.shape)));
         }
-        let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-            .iter()
-            .map(|(n, b, shape)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
-                    .map(|v| (n.clone(), v))
-                    .map_err(|e| checkpoint_err(dir, e.to_string()))
-            })
-            .collect::<Result<_>>()?;
-        let out = safetensors::serialize(views, Some(meta))
-            .map_err(|e| checkpoint_err(dir, e.to_string()))?;
-        crate::checkpoint::write_atomic(&dir.join("model.safetensors"), &out)
+        crate::checkpoint::serialize_atomic(&dir.join("model.safetensors"), views, meta)
     }
 
     /// Restores a run saved by [`Trainer::save`]: the config comes from the
@@ -1154,8 +1142,26 @@ impl ModelCheckpoint {
     }
 }
 
-fn le_bytes(x: &[f32]) -> Vec<u8> {
-    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+/// An `f32` tensor as the safetensors writer sees it: its little-endian
+/// bytes are made when the writer reaches it, one tensor at a time.
+struct F32View<'a>(&'a [f32], &'a [usize]);
+
+impl safetensors::tensor::View for F32View<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        safetensors::Dtype::F32
+    }
+
+    fn shape(&self) -> &[usize] {
+        self.1
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        self.0.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    fn data_len(&self) -> usize {
+        4 * self.0.len()
+    }
 }
 
 fn checkpoint_err(path: &Path, message: impl Into<String>) -> KeelError {
