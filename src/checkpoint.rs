@@ -61,10 +61,26 @@ impl StateData {
         }
     }
 
-    fn to_le_bytes(&self) -> Vec<u8> {
+    fn values(&self) -> Values<'_> {
         match self {
-            StateData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            StateData::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            StateData::F32(v) => Values::F32(v),
+            StateData::F64(v) => Values::F64(v),
+        }
+    }
+}
+
+/// Borrowed tensor values, in their own dtype.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Values<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+}
+
+impl Values<'_> {
+    fn le_bytes(self) -> Vec<u8> {
+        match self {
+            Values::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Values::F64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     }
 }
@@ -177,31 +193,44 @@ fn add_tensor(h: &mut crc32fast::Hasher, name: &str, bytes: &[u8]) {
     h.update(bytes);
 }
 
-/// A state tensor as the safetensors writer sees it: its little-endian bytes
-/// are made only when the writer reaches it, so that at most one tensor's
-/// bytes exist besides the state itself.
-struct LeBytesView<'a>(&'a StateTensor);
+/// A tensor as the safetensors writer sees it: its little-endian bytes are
+/// made only when the writer reaches it, so that at most one tensor's bytes
+/// exist besides the values themselves.
+pub(crate) struct LeBytesView<'a> {
+    pub(crate) values: Values<'a>,
+    pub(crate) shape: &'a [usize],
+}
+
+impl<'a> LeBytesView<'a> {
+    /// A view of `f32` values of `shape`.
+    pub(crate) fn f32(values: &'a [f32], shape: &'a [usize]) -> Self {
+        LeBytesView {
+            values: Values::F32(values),
+            shape,
+        }
+    }
+}
 
 impl View for LeBytesView<'_> {
     fn dtype(&self) -> Dtype {
-        match self.0.data {
-            StateData::F32(_) => Dtype::F32,
-            StateData::F64(_) => Dtype::F64,
+        match self.values {
+            Values::F32(_) => Dtype::F32,
+            Values::F64(_) => Dtype::F64,
         }
     }
 
     fn shape(&self) -> &[usize] {
-        &self.0.shape
+        self.shape
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.0.data.to_le_bytes())
+        Cow::Owned(self.values.le_bytes())
     }
 
     fn data_len(&self) -> usize {
-        match &self.0.data {
-            StateData::F32(v) => 4 * v.len(),
-            StateData::F64(v) => 8 * v.len(),
+        match self.values {
+            Values::F32(v) => 4 * v.len(),
+            Values::F64(v) => 8 * v.len(),
         }
     }
 }
@@ -237,7 +266,7 @@ fn metadata(state: &StateDict) -> Result<HashMap<String, String>> {
     by_name.sort_by(|a, b| a.name.cmp(&b.name));
     let mut crc = checksum_of_metadata(&meta);
     for t in by_name {
-        add_tensor(&mut crc, &t.name, &t.data.to_le_bytes());
+        add_tensor(&mut crc, &t.name, &t.data.values().le_bytes());
     }
     meta.insert("crc32".to_string(), format!("{:08x}", crc.finalize()));
     Ok(meta)
@@ -251,17 +280,18 @@ fn views(state: &StateDict) -> Result<Vec<(&str, LeBytesView<'_>)>> {
         .iter()
         .map(|t| {
             let numel = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
-            let len = match &t.data {
-                StateData::F32(v) => v.len(),
-                StateData::F64(v) => v.len(),
-            };
+            let len = t.data.len();
             if numel != Some(len) {
                 return Err(KeelError::State(format!(
                     "tensor `{}`: {len} values do not fill shape {:?}",
                     t.name, t.shape
                 )));
             }
-            Ok((t.name.as_str(), LeBytesView(t)))
+            let view = LeBytesView {
+                values: t.data.values(),
+                shape: &t.shape,
+            };
+            Ok((t.name.as_str(), view))
         })
         .collect()
 }

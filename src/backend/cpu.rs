@@ -781,27 +781,14 @@ fn apply_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(
     reduce_in_order(partial, n)
 }
 
-/// Runs pass A of a two-pass optimizer (writes state only).
+/// Runs pass A of a two-pass optimizer (writes state only, so there is no
+/// bf16 copy to round).
 fn moment_pass<T: Real, G: Sync, K: ChunkKernel<T, G>>(
     chunks: &mut [Chunk<'_, T, G>],
     n: usize,
     kernel: &K,
 ) -> Vec<Sums> {
-    let partial = chunks
-        .par_iter_mut()
-        .map(|chunk| {
-            let tensor = chunk.tensor;
-            (
-                tensor,
-                run_simd(KernelCall {
-                    kernel,
-                    chunk,
-                    round: None,
-                }),
-            )
-        })
-        .collect();
-    reduce_in_order(partial, n)
+    apply_pass(chunks, n, (0, None), kernel)
 }
 
 impl<T: Real> Optimizer for CpuOptimizer<T> {

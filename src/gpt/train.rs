@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::CpuOptimizer;
+use crate::checkpoint::LeBytesView;
 use crate::config::{AdamWConfig, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
@@ -1015,20 +1016,22 @@ impl Trainer {
         );
         meta.insert("vocab".to_string(), data.vocab().chars().iter().collect());
         let specs = self.model.param_specs();
-        // Written tensor by tensor (see `F32View`): no copy of the model is
-        // held in memory.
-        let mut views: Vec<(String, F32View)> = Vec::new();
+        // Written tensor by tensor: no copy of the model is held in memory.
+        let mut views: Vec<(String, LeBytesView)> = Vec::new();
         for (s, p) in specs.iter().zip(&self.params) {
-            views.push((s.name.clone(), F32View(p, &s.shape)));
+            views.push((s.name.clone(), LeBytesView::f32(p, &s.shape)));
         }
         if let Some(ema) = &self.ema {
             for (s, p) in specs.iter().zip(ema) {
-                views.push((format!("ema.{}", s.name), F32View(p, &s.shape)));
+                views.push((format!("ema.{}", s.name), LeBytesView::f32(p, &s.shape)));
             }
         }
         // The gradient of the last step feeds the next step's cosine metric.
         for (s, p) in specs.iter().zip(&self.prev_grads) {
-            views.push((format!("prev_grad.{}", s.name), F32View(p, &s.shape)));
+            views.push((
+                format!("prev_grad.{}", s.name),
+                LeBytesView::f32(p, &s.shape),
+            ));
         }
         crate::checkpoint::serialize_atomic(&dir.join("model.safetensors"), views, meta)
     }
@@ -1139,28 +1142,6 @@ impl ModelCheckpoint {
                     .collect())
             })
             .collect()
-    }
-}
-
-/// An `f32` tensor as the safetensors writer sees it: its little-endian
-/// bytes are made when the writer reaches it, one tensor at a time.
-struct F32View<'a>(&'a [f32], &'a [usize]);
-
-impl safetensors::tensor::View for F32View<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
-    }
-
-    fn shape(&self) -> &[usize] {
-        self.1
-    }
-
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        self.0.iter().flat_map(|v| v.to_le_bytes()).collect()
-    }
-
-    fn data_len(&self) -> usize {
-        4 * self.0.len()
     }
 }
 

@@ -219,6 +219,13 @@ mod tests {
     use super::*;
     use crate::OptimizerConfig;
 
+    /// Bytes of the state `initial_state` allocates.
+    fn allocated_bytes<T: crate::real::Real>(kind: &OptimizerKind, spec: &ParamSpec) -> u128 {
+        let state = initial_state::<T>(kind, spec).unwrap();
+        let len: usize = state.iter().map(Vec::len).sum();
+        (len * std::mem::size_of::<T>()) as u128
+    }
+
     #[test]
     fn state_bytes_match_the_allocated_state() {
         let kinds = [
@@ -241,18 +248,14 @@ mod tests {
                     continue;
                 }
                 let spec = ParamSpec::new("w", shape);
-                let f32_state = initial_state::<f32>(&kind, &spec).unwrap();
-                let f32_len: usize = f32_state.iter().map(Vec::len).sum();
                 assert_eq!(
                     state_bytes(&kind, &spec, 4),
-                    4 * f32_len as u128,
+                    allocated_bytes::<f32>(&kind, &spec),
                     "{json} {shape:?}"
                 );
-                let f64_state = initial_state::<f64>(&kind, &spec).unwrap();
-                let f64_len: usize = f64_state.iter().map(Vec::len).sum();
                 assert_eq!(
                     state_bytes(&kind, &spec, 8),
-                    8 * f64_len as u128,
+                    allocated_bytes::<f64>(&kind, &spec),
                     "{json} {shape:?}"
                 );
             }
