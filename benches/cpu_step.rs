@@ -3,6 +3,9 @@
 //! bytes keel moves per step (`keel::optim::bytes_per_param`), so criterion
 //! reports GB/s directly comparable with the machine's memory bandwidth.
 //!
+//! `adamw-unchecked` is AdamW under `on_nonfinite = "unchecked"`, without the
+//! gradient scan.
+//!
 //! Run: `cargo bench --bench cpu_step` (or filter, e.g. `-- adamw/10M`).
 
 mod common;
@@ -13,19 +16,24 @@ use keel::{CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec};
 
 use common::values;
 
-const KINDS: [&str; 6] = [
+const KINDS: [&str; 7] = [
     r#"{"kind": "sgd", "lr": 0.001, "momentum": 0.9}"#,
     r#"{"kind": "adam", "lr": 0.001}"#,
     r#"{"kind": "adamw", "lr": 0.001}"#,
     r#"{"kind": "lamb", "lr": 0.001, "weight_decay": 0.01}"#,
     r#"{"kind": "lars", "lr": 0.001}"#,
     r#"{"kind": "lion", "lr": 0.0001}"#,
+    // The step without the gradient scan (torch's fused step has none).
+    r#"{"kind": "adamw", "lr": 0.001, "on_nonfinite": "unchecked"}"#,
 ];
 
 fn cpu_step(c: &mut Criterion) {
     for kind in KINDS {
         let config = OptimizerConfig::from_json(kind).expect("valid config");
-        let name = config.kind.name();
+        let name = match config.skips_scan() {
+            true => format!("{}-unchecked", config.kind.name()),
+            false => config.kind.name().to_string(),
+        };
         let mut group = c.benchmark_group(name);
         group.sample_size(10);
         for (label, params) in [("1M", 1_000_000usize), ("10M", 10_000_000)] {

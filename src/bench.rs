@@ -77,6 +77,10 @@ pub struct BenchOptions {
 pub struct BenchReport {
     /// Optimizer kind.
     pub optimizer: String,
+    /// Whether the step read the gradients before writing (the non-finite
+    /// check); false for [`crate::NonFinitePolicy::Unchecked`] where it
+    /// skips that pass.
+    pub grad_check: bool,
     /// Where it ran: `cpu`, or `cuda:<device name>`.
     pub device: String,
     /// Total parameters.
@@ -280,13 +284,19 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
 }
 
 /// Bytes per parameter a step of `opts` moves and the least any step could
-/// ([`bytes_per_param`]), on either backend.
-pub(crate) fn step_bytes(opts: &BenchOptions) -> (usize, usize) {
+/// ([`bytes_per_param`]), on either backend; `scans` says whether the step
+/// reads the gradient first (the CUDA step always does).
+pub(crate) fn step_bytes(opts: &BenchOptions, scans: bool) -> (usize, usize) {
     let (mut bytes, min_bytes) = bytes_per_param(&opts.config, 4);
+    let counted_scan = !opts.config.skips_scan();
+    if scans && !counted_scan {
+        bytes += 4;
+    }
     if opts.dtype == BenchDtype::Bf16 {
-        // The gradient is read twice at 2 bytes instead of 4; the bf16 copy
-        // of the parameter is written (2 bytes).
-        bytes -= 2;
+        // The gradient is read at 2 bytes instead of 4 (twice with the scan);
+        // the bf16 copy of the parameter is written (2 bytes).
+        let grad_reads = 1 + usize::from(scans);
+        bytes = bytes - 2 * grad_reads + 2;
     }
     (bytes, min_bytes)
 }
@@ -419,12 +429,13 @@ fn run_cpu(opts: &BenchOptions, mixed: bool) -> Result<BenchReport> {
         }
     };
 
-    let (bytes, min_bytes) = step_bytes(opts);
+    let (bytes, min_bytes) = step_bytes(opts, !opts.config.skips_scan());
     let ms = median(times.clone());
     let floor_ms = median(floor_times);
     let gb = |b: usize, ms: f64| b as f64 * opts.params as f64 / (ms * 1e-3) / 1e9;
     Ok(BenchReport {
         optimizer: opts.config.kind.name().to_string(),
+        grad_check: !opts.config.skips_scan(),
         device: "cpu".to_string(),
         params: opts.params,
         tensors: opts.tensors,

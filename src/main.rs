@@ -449,8 +449,13 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             if json {
                 print_json(&r)?;
             } else {
+                let check = if r.grad_check {
+                    ""
+                } else {
+                    " (on_nonfinite unchecked: no gradient scan)"
+                };
                 println!(
-                    "{} {:?} on {}: {} params in {} tensor(s), {} threads, median of {} steps",
+                    "{} {:?} on {}{check}: {} params in {} tensor(s), {} threads, median of {} steps",
                     r.optimizer, r.dtype, r.device, r.params, r.tensors, r.threads, r.steps
                 );
                 println!(

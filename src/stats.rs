@@ -27,7 +27,9 @@ pub struct TensorStats {
     pub trust_ratio: Option<f64>,
     /// The update clipping factor applied (`update_clip_rms`), if any.
     pub update_clip_factor: Option<f64>,
-    /// Whether every gradient element was finite.
+    /// Whether every gradient element was finite. False with a step that was
+    /// not skipped happens only under [`crate::NonFinitePolicy::Unchecked`]:
+    /// the non-finite gradient was applied to this tensor.
     pub finite: bool,
 }
 

@@ -296,6 +296,7 @@ fn configs_round_trip_through_json() {
         r#"{"kind":"lamb","lr":0.01,"eps":1e-9}"#,
         r#"{"kind":"lars","lr":0.1,"nesterov":true,"trust_coefficient":0.02,"eps":1e-9}"#,
         r#"{"kind":"lion","lr":1e-4,"beta2":0.98}"#,
+        r#"{"kind":"adamw","lr":1e-3,"on_nonfinite":"unchecked"}"#,
     ] {
         let c = parse(json);
         let text = serde_json::to_string(&c).unwrap();

@@ -464,9 +464,17 @@ fn check_skip<T: Real>(
 ) {
     let conv = |v: &[Vec<f32>]| -> Vec<Vec<T>> { v.iter().map(|g| to_t(g)).collect() };
     let bad = conv(bad);
-    for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Error] {
+    for policy in [
+        NonFinitePolicy::Skip,
+        NonFinitePolicy::Error,
+        NonFinitePolicy::Unchecked,
+    ] {
         let mut cfg = cfg.clone();
         cfg.on_nonfinite = policy;
+        if cfg.skips_scan() {
+            check_unchecked::<T>(name, &cfg, case, warm, &bad, names);
+            continue;
+        }
         let mut opt = CpuOptimizer::<T>::new(cfg, case.specs()).unwrap();
         let mut params = conv(&case.params);
         for g in &case.grads[..warm] {
@@ -477,7 +485,8 @@ fn check_skip<T: Real>(
         let twin = opt.clone();
         let result = step(&mut opt, &mut params, &bad);
         match policy {
-            NonFinitePolicy::Skip => {
+            // Where the scan runs anyway, `unchecked` skips as `skip` does.
+            NonFinitePolicy::Skip | NonFinitePolicy::Unchecked => {
                 let stats = result.unwrap_or_else(|e| panic!("{name}: skip policy returned {e}"));
                 assert_eq!(
                     stats.skipped,
@@ -528,8 +537,133 @@ fn check_skip<T: Real>(
     }
 }
 
+/// `on_nonfinite = "unchecked"` where the step has no scan: the bad gradient
+/// is applied and reported, not skipped. The bad tensors end with a
+/// non-finite parameter or state element, the stats flag exactly them, and
+/// every good tensor gets the same bits as a step on the good gradient.
+fn check_unchecked<T: Real>(
+    name: &str,
+    cfg: &OptimizerConfig,
+    case: &Case,
+    warm: usize,
+    bad: &[Vec<T>],
+    names: &[String],
+) {
+    let conv = |v: &[Vec<f32>]| -> Vec<Vec<T>> { v.iter().map(|g| to_t(g)).collect() };
+    let mut opt = CpuOptimizer::<T>::new(cfg.clone(), case.specs()).unwrap();
+    let mut params = conv(&case.params);
+    for g in &case.grads[..warm] {
+        step(&mut opt, &mut params, &conv(g)).unwrap();
+    }
+    let mut twin = opt.clone();
+    let mut twin_params = params.clone();
+    let stats = step(&mut opt, &mut params, bad).unwrap();
+    step(&mut twin, &mut twin_params, &conv(&case.grads[warm])).unwrap();
+    assert_eq!(stats.skipped, None, "{name}");
+    assert_eq!(stats.step, warm as u64 + 1, "{name}");
+    assert_eq!(opt.step_count(), warm as u64 + 1, "{name}");
+    assert!(stats.global_grad_norm.is_nan(), "{name}");
+    let slots = keel::optim::state_slots(&cfg.kind);
+    let finite = |v: &[T]| v.iter().all(|x| x.to_f64x().is_finite());
+    for (i, t) in stats.tensors.iter().enumerate() {
+        let is_bad = names.contains(&format!("t{i}"));
+        assert_eq!(t.finite, !is_bad, "{name} tensor {i}");
+        assert_eq!(t.grad_norm.is_nan(), is_bad, "{name} tensor {i}");
+        if is_bad {
+            let state_finite = slots
+                .iter()
+                .all(|s| finite(opt.state_buffer(i, s).unwrap()));
+            assert!(
+                !(finite(&params[i]) && state_finite),
+                "{name} tensor {i}: the bad gradient left no trace"
+            );
+        } else {
+            assert!(same_bits(&params[i], &twin_params[i]), "{name} tensor {i}");
+            for s in slots {
+                let (a, b) = (opt.state_buffer(i, s), twin.state_buffer(i, s));
+                assert!(same_bits(a.unwrap(), b.unwrap()), "{name} tensor {i} {s}");
+            }
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 32, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// With finite gradients `on_nonfinite = "unchecked"` changes nothing but
+    /// the passes: parameters and state bit-identical to the default for
+    /// every kind (f32, and bf16 with f32 master weights), and the gradient
+    /// norms, taken in the fused pass instead of the scan, equal within
+    /// rounding (in f64 as `stats_describe_the_step` checks them).
+    #[test]
+    fn unchecked_matches_the_checked_step(case in case(3, 300)) {
+        for (name, json) in VARIANTS {
+            let checked = config(json, 1e-2);
+            let mut unchecked = checked.clone();
+            unchecked.on_nonfinite = NonFinitePolicy::Unchecked;
+            let mut a = CpuOptimizer::<f32>::new(checked.clone(), case.specs()).unwrap();
+            let mut b = CpuOptimizer::<f32>::new(unchecked.clone(), case.specs()).unwrap();
+            let mut pa: Vec<Vec<f32>> = case.params.clone();
+            let mut pb = pa.clone();
+            for g in &case.grads {
+                let sa = step(&mut a, &mut pa, g).unwrap();
+                let sb = step(&mut b, &mut pb, g).unwrap();
+                prop_assert!(pa.iter().zip(&pb).all(|(x, y)| same_bits(x, y)), "{} params", name);
+                for (x, y) in sa.tensors.iter().zip(&sb.tensors) {
+                    prop_assert!((x.grad_norm - y.grad_norm).abs() <= 1e-6 * x.grad_norm, "{} grad_norm {} vs {}", name, x.grad_norm, y.grad_norm);
+                    prop_assert_eq!(x.update_norm.to_bits(), y.update_norm.to_bits(), "{}", name);
+                    prop_assert_eq!(x.param_norm.to_bits(), y.param_norm.to_bits(), "{}", name);
+                    prop_assert!(y.finite);
+                }
+                prop_assert!((sa.global_grad_norm - sb.global_grad_norm).abs() <= 1e-6 * sa.global_grad_norm);
+            }
+            let (sa, sb) = (a.state_dict().unwrap(), b.state_dict().unwrap());
+            prop_assert_eq!(&sb.config, &unchecked);
+            prop_assert_eq!(sa.tensors.len(), sb.tensors.len());
+            for (x, y) in sa.tensors.iter().zip(&sb.tensors) {
+                let same = match (&x.data, &y.data) {
+                    (StateData::F32(u), StateData::F32(v)) => same_bits(u, v),
+                    _ => false,
+                };
+                prop_assert!(same, "{} state {}", name, x.name);
+            }
+            let mut opt = CpuOptimizer::<f64>::new(unchecked.clone(), case.specs()).unwrap();
+            let mut params: Vec<Vec<f64>> = case.params.iter().map(|p| to_t(p)).collect();
+            let clamp = unchecked.clip_value.unwrap_or(f64::INFINITY);
+            for g in &case.grads {
+                let g: Vec<Vec<f64>> = g.iter().map(|g| to_t(g)).collect();
+                let stats = step(&mut opt, &mut params, &g).unwrap();
+                for (i, t) in stats.tensors.iter().enumerate() {
+                    let gn = norm(g[i].iter().map(|x| x.clamp(-clamp, clamp)));
+                    prop_assert!((t.grad_norm - gn).abs() <= 1e-12 * gn, "{} grad_norm {} vs {}", name, t.grad_norm, gn);
+                }
+            }
+        }
+        // Mixed precision: the same bf16 parameters and master weights.
+        let specs = case.specs();
+        let to_bf = |v: &Vec<Vec<f32>>| -> Vec<Vec<bf16>> { v.iter().map(|p| p.iter().map(|&x| bf16::from_f32(x)).collect()).collect() };
+        let mut outs = Vec::new();
+        for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Unchecked] {
+            let mut cfg = config(r#"{"kind":"adamw","lr":1,"weight_decay":0.1}"#, 1e-2);
+            cfg.on_nonfinite = policy;
+            let mut params = to_bf(&case.params);
+            let init: Vec<&[bf16]> = params.iter().map(|p| &p[..]).collect();
+            let mut opt = MixedPrecisionOptimizer::new(cfg, specs.clone(), vec![ParamGroup::all(&specs)], &init, Rounding::Stochastic { seed: 3 }).unwrap();
+            for g in &case.grads {
+                step_bf16(&mut opt, &mut params, &to_bf(g)).unwrap();
+            }
+            outs.push((params, opt.state_dict().unwrap()));
+        }
+        let ((pa, sa), (pb, sb)) = (&outs[0], &outs[1]);
+        prop_assert!(pa.iter().zip(pb).all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())));
+        for (x, y) in sa.tensors.iter().zip(&sb.tensors) {
+            let same = match (&x.data, &y.data) {
+                (StateData::F32(u), StateData::F32(v)) => same_bits(u, v),
+                _ => false,
+            };
+            prop_assert!(same, "bf16 state {}", x.name);
+        }
+    }
 
     /// Per-tensor stats describe what the step did: `param_norm = ||p||`
     /// before the step, `update_norm = ||p_new - p||`, `grad_norm` of the

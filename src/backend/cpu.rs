@@ -3,7 +3,10 @@
 //! A step is
 //! 1. a **scan** over the gradients (one read): non-finite check, per-tensor
 //!    and global norms (and for LARS the sums its trust ratio needs). Nothing
-//!    is written before it, so a skipped step leaves everything bit-identical;
+//!    is written before it, so a skipped step leaves everything bit-identical.
+//!    [`crate::NonFinitePolicy::Unchecked`] waives it where nothing else
+//!    needs it ([`OptimizerConfig::skips_scan`]); the fused pass then sums
+//!    the gradient's squares itself;
 //! 2. one **fused pass** per tensor that reads parameter, gradient and state
 //!    once and writes parameter and state once — or, where a per-tensor norm
 //!    of the new direction is needed first (LAMB, AdamW with
@@ -140,7 +143,7 @@ impl<T: Real> CpuOptimizer<T> {
         (lr_of, wd_of, trust_on): (&[f64], &[f64], &[bool]),
         s: f64,
         scan: &[Scan],
-        prep: GradPrep<T>,
+        (prep, sum_grad): (GradPrep<T>, bool),
         (step, rounding): (u64, Option<Rounding>),
         (trust, uclip): (&mut [Option<f64>], &mut [Option<f64>]),
     ) -> Vec<Sums> {
@@ -159,13 +162,26 @@ impl<T: Real> CpuOptimizer<T> {
                     })
                     .collect();
                 if c.momentum == 0.0 {
-                    apply_pass(chunks, n, (step, rounding), &SgdPlain { k: &k, prep })
+                    apply_pass(
+                        chunks,
+                        n,
+                        (step, rounding),
+                        &SgdPlain {
+                            k: &k,
+                            prep,
+                            sum_grad,
+                        },
+                    )
                 } else {
                     apply_pass(
                         &mut *chunks,
                         n,
                         (step, rounding),
-                        &SgdMomentum { k: &k, prep },
+                        &SgdMomentum {
+                            k: &k,
+                            prep,
+                            sum_grad,
+                        },
                     )
                 }
             }
@@ -178,7 +194,16 @@ impl<T: Real> CpuOptimizer<T> {
                         k
                     })
                     .collect();
-                apply_pass(chunks, n, (step, rounding), &AdamStep { k: &k, prep })
+                apply_pass(
+                    chunks,
+                    n,
+                    (step, rounding),
+                    &AdamStep {
+                        k: &k,
+                        prep,
+                        sum_grad,
+                    },
+                )
             }
             OptimizerKind::AdamW(c) => {
                 let mut k: Vec<adam::AdamCoeffs<T>> = (0..n)
@@ -190,16 +215,42 @@ impl<T: Real> CpuOptimizer<T> {
                     })
                     .collect();
                 match c.update_clip_rms {
-                    None => apply_pass(chunks, n, (step, rounding), &AdamStep { k: &k, prep }),
+                    None => apply_pass(
+                        chunks,
+                        n,
+                        (step, rounding),
+                        &AdamStep {
+                            k: &k,
+                            prep,
+                            sum_grad,
+                        },
+                    ),
                     Some(max_rms) => {
-                        let dir = moment_pass(chunks, n, &AdamMoments { k: &k, prep });
+                        let dir = moment_pass(
+                            chunks,
+                            n,
+                            &AdamMoments {
+                                k: &k,
+                                prep,
+                                sum_grad: false,
+                            },
+                        );
                         for i in 0..n {
                             let f =
                                 update_clip_factor(dir[i].direction_sq, specs[i].numel(), max_rms);
                             uclip[i] = Some(f);
                             k[i].lr = T::from_f64x(lr_of[i] * f);
                         }
-                        apply_pass(chunks, n, (step, rounding), &AdamApply { k: &k, prep })
+                        apply_pass(
+                            chunks,
+                            n,
+                            (step, rounding),
+                            &AdamApply {
+                                k: &k,
+                                prep,
+                                sum_grad: false,
+                            },
+                        )
                     }
                 }
             }
@@ -211,7 +262,15 @@ impl<T: Real> CpuOptimizer<T> {
                         k
                     })
                     .collect();
-                let dir = moment_pass(chunks, n, &AdamMomentsWithParams { k: &k, prep });
+                let dir = moment_pass(
+                    chunks,
+                    n,
+                    &AdamMomentsWithParams {
+                        k: &k,
+                        prep,
+                        sum_grad: false,
+                    },
+                );
                 for i in 0..n {
                     let r = if trust_on[i] {
                         let r = trust_ratio(
@@ -227,7 +286,16 @@ impl<T: Real> CpuOptimizer<T> {
                     };
                     k[i].lr = T::from_f64x(lr_of[i] * r);
                 }
-                apply_pass(chunks, n, (step, rounding), &AdamApply { k: &k, prep })
+                apply_pass(
+                    chunks,
+                    n,
+                    (step, rounding),
+                    &AdamApply {
+                        k: &k,
+                        prep,
+                        sum_grad: false,
+                    },
+                )
             }
             OptimizerKind::Lars(c) => {
                 let k: Vec<lars::LarsCoeffs<T>> = (0..n)
@@ -248,13 +316,31 @@ impl<T: Real> CpuOptimizer<T> {
                         lars::LarsCoeffs::new(lr_of[i] * r, wd_of[i], c.momentum, c.nesterov)
                     })
                     .collect();
-                apply_pass(chunks, n, (step, rounding), &LarsStep { k: &k, prep })
+                apply_pass(
+                    chunks,
+                    n,
+                    (step, rounding),
+                    &LarsStep {
+                        k: &k,
+                        prep,
+                        sum_grad: false,
+                    },
+                )
             }
             OptimizerKind::Lion(c) => {
                 let k: Vec<lion::LionCoeffs<T>> = (0..n)
                     .map(|i| lion::LionCoeffs::new(lr_of[i], c.beta1, c.beta2, wd_of[i]))
                     .collect();
-                apply_pass(chunks, n, (step, rounding), &LionStep { k: &k, prep })
+                apply_pass(
+                    chunks,
+                    n,
+                    (step, rounding),
+                    &LionStep {
+                        k: &k,
+                        prep,
+                        sum_grad,
+                    },
+                )
             }
             // Handled by `muon_pass`, before any chunks are made.
             OptimizerKind::Muon(_) | OptimizerKind::Shampoo(_) | OptimizerKind::Soap(_) => {
@@ -287,14 +373,19 @@ impl<T: Real> CpuOptimizer<T> {
         let lr = kind.lr();
         let n = self.specs.len();
 
-        // 1. Scan: read every gradient before anything is written.
+        // 1. Scan: read every gradient before anything is written, unless
+        // the policy waives the check and nothing else needs the scan.
         let with_params = matches!(kind, OptimizerKind::Lars(_));
         let scan_prep = GradPrep::<T>::new(self.config.clip_value, 1.0);
-        let scan = scan(params, grads, &scan_prep, with_params);
-        let mut scan = scan;
+        let unchecked = self.config.skips_scan();
+        let mut scan = if unchecked {
+            vec![Scan::default(); n]
+        } else {
+            scan(params, grads, &scan_prep, with_params)
+        };
         let mut finite = vec![true; n];
         for (i, g) in grads.iter().enumerate() {
-            if !scan[i].raw_sq.is_finite() {
+            if !unchecked && !scan[i].raw_sq.is_finite() {
                 // Rare: some element is NaN/Inf, or squares overflowed T.
                 // Decide exactly, and redo the sums in f64 if all is finite.
                 finite[i] = g.iter().all(|x| x.get().is_finite());
@@ -303,12 +394,12 @@ impl<T: Real> CpuOptimizer<T> {
                 }
             }
         }
-        let grad_norms: Vec<f64> = scan
+        let mut grad_norms: Vec<f64> = scan
             .iter()
             .zip(&finite)
             .map(|(s, &ok)| if ok { s.sums.grad_sq.sqrt() } else { f64::NAN })
             .collect();
-        let global_norm = grad_norms.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let mut global_norm = grad_norms.iter().map(|x| x * x).sum::<f64>().sqrt();
 
         if finite.iter().any(|ok| !ok) {
             let bad: Vec<String> = finite
@@ -437,12 +528,30 @@ impl<T: Real> CpuOptimizer<T> {
                 (&lr_of, &wd_of, &trust_on),
                 s,
                 &scan,
-                prep,
+                (prep, unchecked),
                 (step, rounding),
                 (&mut trust, &mut uclip),
             )
         };
         self.step = t;
+        if unchecked {
+            // The norms came from the fused pass; a non-finite one means a
+            // non-finite gradient was applied (reported, not undone), or, rarely,
+            // squares that overflowed `T`.
+            for (i, g) in grads.iter().enumerate() {
+                let mut sq = sums[i].grad_sq;
+                if !sq.is_finite() {
+                    finite[i] = g.iter().all(|x| x.get().is_finite());
+                    sq = if finite[i] {
+                        rescan_f64(g, params[i], &scan_prep, false).grad_sq
+                    } else {
+                        f64::NAN
+                    };
+                }
+                grad_norms[i] = sq.sqrt();
+            }
+            global_norm = grad_norms.iter().map(|x| x * x).sum::<f64>().sqrt();
+        }
 
         let tensors = (0..n)
             .map(|i| TensorStats {
@@ -451,7 +560,7 @@ impl<T: Real> CpuOptimizer<T> {
                 param_norm: sums[i].param_sq.sqrt(),
                 trust_ratio: trust[i],
                 update_clip_factor: uclip[i],
-                finite: true,
+                finite: finite[i],
             })
             .collect();
         Ok(StepStats {
@@ -676,19 +785,22 @@ trait ChunkKernel<T: Real, G>: Sync {
     fn run(&self, c: &mut Chunk<'_, T, G>) -> Sums;
 }
 
-/// Defines a [`ChunkKernel`] holding per-tensor coefficients and the
-/// gradient transform, whose body sees the tensor's coefficients `k`, the
-/// transform `prep` and the chunk `c`.
+/// Defines a [`ChunkKernel`] holding per-tensor coefficients, the gradient
+/// transform and whether to sum the gradient's squares (a step without a
+/// scan), whose body sees the tensor's coefficients `k`, the transform
+/// `prep`, the chunk `c` and that choice `sg`.
 macro_rules! chunk_kernel {
-    ($name:ident, $coeffs:ident, |$k:ident, $prep:ident, $c:ident| $body:expr) => {
+    ($name:ident, $coeffs:ident, |$k:ident, $prep:ident, $c:ident, $sg:ident| $body:expr) => {
         struct $name<'a, T> {
             k: &'a [$coeffs<T>],
             prep: GradPrep<T>,
+            sum_grad: bool,
         }
         impl<T: Real, G: GradElem<T>> ChunkKernel<T, G> for $name<'_, T> {
             #[inline(always)]
             fn run(&self, $c: &mut Chunk<'_, T, G>) -> Sums {
                 let $k = &self.k[$c.tensor];
+                let $sg = self.sum_grad;
                 // One copy of the loop per gradient transform.
                 match &self.prep {
                     GradPrep::Scale($prep) => $body,
@@ -704,31 +816,31 @@ use lars::LarsCoeffs;
 use lion::LionCoeffs;
 use sgd::SgdCoeffs;
 
-chunk_kernel!(SgdPlain, SgdCoeffs, |k, prep, c| sgd::step_plain(
-    k, prep, c.p, c.g
+chunk_kernel!(SgdPlain, SgdCoeffs, |k, prep, c, sg| sgd::step_plain(
+    k, prep, c.p, c.g, sg
 ));
-chunk_kernel!(SgdMomentum, SgdCoeffs, |k, prep, c| sgd::step(
-    k, prep, c.p, c.g, c.s0
+chunk_kernel!(SgdMomentum, SgdCoeffs, |k, prep, c, sg| sgd::step(
+    k, prep, c.p, c.g, c.s0, sg
 ));
-chunk_kernel!(AdamStep, AdamCoeffs, |k, prep, c| if k.coupled() {
-    adam::step::<_, _, _, true>(k, prep, c.p, c.g, c.s0, c.s1)
+chunk_kernel!(AdamStep, AdamCoeffs, |k, prep, c, sg| if k.coupled() {
+    adam::step::<_, _, _, true>(k, prep, c.p, c.g, c.s0, c.s1, sg)
 } else {
-    adam::step::<_, _, _, false>(k, prep, c.p, c.g, c.s0, c.s1)
+    adam::step::<_, _, _, false>(k, prep, c.p, c.g, c.s0, c.s1, sg)
 });
-chunk_kernel!(AdamMoments, AdamCoeffs, |k, prep, c| adam::moments(
+chunk_kernel!(AdamMoments, AdamCoeffs, |k, prep, c, _sg| adam::moments(
     k, prep, None, c.g, c.s0, c.s1
 ));
-chunk_kernel!(AdamMomentsWithParams, AdamCoeffs, |k, prep, c| {
+chunk_kernel!(AdamMomentsWithParams, AdamCoeffs, |k, prep, c, _sg| {
     adam::moments(k, prep, Some(&*c.p), c.g, c.s0, c.s1)
 });
-chunk_kernel!(AdamApply, AdamCoeffs, |k, _prep, c| adam::apply(
+chunk_kernel!(AdamApply, AdamCoeffs, |k, _prep, c, _sg| adam::apply(
     k, c.p, c.s0, c.s1
 ));
-chunk_kernel!(LarsStep, LarsCoeffs, |k, prep, c| lars::step(
+chunk_kernel!(LarsStep, LarsCoeffs, |k, prep, c, _sg| lars::step(
     k, prep, c.p, c.g, c.s0
 ));
-chunk_kernel!(LionStep, LionCoeffs, |k, prep, c| lion::step(
-    k, prep, c.p, c.g, c.s0
+chunk_kernel!(LionStep, LionCoeffs, |k, prep, c, sg| lion::step(
+    k, prep, c.p, c.g, c.s0, sg
 ));
 
 /// One kernel on one chunk, as a [`SimdTask`].
@@ -1101,22 +1213,116 @@ mod tests {
         let lion = [lion::LionCoeffs::<f32>::new(1e-3, 0.9, 0.99, 0.1)];
         let lars = [lars::LarsCoeffs::<f32>::new(0.05, 1e-4, 0.9, false)];
         let (adamw, adam_l2, lamb) = ([adamw], [adam_l2], [lamb]);
-        // With and without `clip_value`; lengths with partial blocks and lanes.
-        for prep in [GradPrep::new(None, 0.7), GradPrep::new(Some(0.15), 0.7)] {
+        // With and without `clip_value`, with and without the gradient's sum
+        // (the step without a scan); lengths with partial blocks and lanes.
+        let preps = [GradPrep::new(None, 0.7), GradPrep::new(Some(0.15), 0.7)];
+        for (prep, sum_grad) in preps.into_iter().flat_map(|p| [(p, false), (p, true)]) {
             for n in [5, 1037, 3 * BLOCK + 40] {
                 let (near, stoch) = (Rounding::Nearest, Rounding::Stochastic { seed: 11 });
+                let sg = sum_grad;
+                let off = false;
                 let bits = |level| {
                     vec![
-                        kernel_bits(&AdamStep { k: &adamw, prep }, near, level, n),
-                        kernel_bits(&AdamStep { k: &adamw, prep }, stoch, level, n),
-                        kernel_bits(&AdamStep { k: &adam_l2, prep }, near, level, n),
-                        kernel_bits(&AdamMoments { k: &lamb, prep }, near, level, n),
-                        kernel_bits(&AdamMomentsWithParams { k: &lamb, prep }, near, level, n),
-                        kernel_bits(&AdamApply { k: &lamb, prep }, near, level, n),
-                        kernel_bits(&SgdPlain { k: &sgd, prep }, near, level, n),
-                        kernel_bits(&SgdMomentum { k: &sgd, prep }, near, level, n),
-                        kernel_bits(&LionStep { k: &lion, prep }, near, level, n),
-                        kernel_bits(&LarsStep { k: &lars, prep }, near, level, n),
+                        kernel_bits(
+                            &AdamStep {
+                                k: &adamw,
+                                prep,
+                                sum_grad: sg,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &AdamStep {
+                                k: &adamw,
+                                prep,
+                                sum_grad: sg,
+                            },
+                            stoch,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &AdamStep {
+                                k: &adam_l2,
+                                prep,
+                                sum_grad: sg,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &AdamMoments {
+                                k: &lamb,
+                                prep,
+                                sum_grad: off,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &AdamMomentsWithParams {
+                                k: &lamb,
+                                prep,
+                                sum_grad: off,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &AdamApply {
+                                k: &lamb,
+                                prep,
+                                sum_grad: off,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &SgdPlain {
+                                k: &sgd,
+                                prep,
+                                sum_grad: sg,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &SgdMomentum {
+                                k: &sgd,
+                                prep,
+                                sum_grad: sg,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &LionStep {
+                                k: &lion,
+                                prep,
+                                sum_grad: sg,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
+                        kernel_bits(
+                            &LarsStep {
+                                k: &lars,
+                                prep,
+                                sum_grad: off,
+                            },
+                            near,
+                            level,
+                            n,
+                        ),
                         scan_bits(&prep, level, n),
                     ]
                 };
@@ -1124,7 +1330,7 @@ mod tests {
                 for level in levels() {
                     assert!(
                         bits(level) == baseline,
-                        "{level:?} differs from the baseline at n = {n}, {prep:?}"
+                        "{level:?} differs from the baseline at n = {n}, {prep:?}, sum_grad {sg}"
                     );
                 }
             }

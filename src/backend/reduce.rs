@@ -6,7 +6,7 @@
 //! block into lane `i % 32`, so that the loops that update and sum at once
 //! still vectorize.
 
-use crate::real::Real;
+use crate::real::{GradElem, Real};
 
 /// A unit of work whose loops should be compiled for the best SIMD level.
 ///
@@ -315,9 +315,11 @@ impl<A: Streams, B: Streams> Streams for (A, B) {
 
 /// The loop of every fused kernel that writes the parameter: `p_new =
 /// update(p, streams)` element by element, with `sum(p^2)` before the update
-/// and `sum((p_new - p)^2)` for the statistics.
+/// and `sum((p_new - p)^2)` for the statistics, and, when `raw_grad` is given,
+/// `sum(g^2)` over it (the step that skips the scan, see
+/// [`crate::NonFinitePolicy::Unchecked`], takes its gradient norms here).
 ///
-/// Both sums are taken inside the update loop, in [`LANES`] `T` lanes per
+/// The sums are taken inside the update loop, in [`LANES`] `T` lanes per
 /// block and f64 lanes across blocks (see [`Lanes`]), so the loop reads and
 /// writes each element once, and its accumulators stay in a few stack lines
 /// in L1; with the tensor in cache this makes the step about 20% faster than
@@ -325,18 +327,36 @@ impl<A: Streams, B: Streams> Streams for (A, B) {
 /// every addition is that of [`Lanes::add_sq`] over each block. `update` is
 /// the optimizer's per-element math; it inlines into this loop.
 #[inline(always)]
-pub(crate) fn fused_norms<T: Real, S: Streams>(
+pub(crate) fn fused_norms<T: Real, G: GradElem<T>, S: Streams>(
     p: &mut [T],
+    raw_grad: Option<&[G]>,
     streams: S,
     update: impl Fn(T, S::Item) -> T,
 ) -> Sums {
-    let (mut param, mut change) = (Lanes::default(), Lanes::default());
-    let (mut p, mut streams) = (p, streams);
+    // One copy of the loop each way, so the usual step carries no third sum.
+    match raw_grad {
+        None => fused_loop::<T, G, S, false>(p, &[], streams, update),
+        Some(g) => fused_loop::<T, G, S, true>(p, g, streams, update),
+    }
+}
+
+/// [`fused_norms`], with the gradient's sum compiled in or out.
+#[inline(always)]
+fn fused_loop<T: Real, G: GradElem<T>, S: Streams, const GRAD_SQ: bool>(
+    p: &mut [T],
+    raw_grad: &[G],
+    streams: S,
+    update: impl Fn(T, S::Item) -> T,
+) -> Sums {
+    let (mut param, mut change, mut grad) = (Lanes::default(), Lanes::default(), Lanes::default());
+    let (mut p, mut streams, mut raw) = (p, streams, raw_grad);
     while !p.is_empty() {
         let n = p.len().min(BLOCK);
         let (mut pb, rest_p) = std::mem::take(&mut p).split_at_mut(n);
         let (mut sb, rest_s) = streams.split(n);
+        let (mut rb, rest_r) = if GRAD_SQ { raw.split_at(n) } else { (raw, raw) };
         let (mut acc_p, mut acc_d) = ([T::zero(); LANES], [T::zero(); LANES]);
+        let mut acc_g = [T::zero(); LANES];
         while pb.len() >= LANES {
             let (pl, next_p) = std::mem::take(&mut pb).split_at_mut(LANES);
             let (sl, next_s) = sb.split(LANES);
@@ -348,6 +368,14 @@ pub(crate) fn fused_norms<T: Real, S: Streams>(
                 *ap += old * old;
                 *ad += d * d;
                 *p = new;
+            }
+            if GRAD_SQ {
+                let (rl, next_r) = rb.split_at(LANES);
+                for (a, g) in acc_g.iter_mut().zip(rl) {
+                    let g = g.get();
+                    *a += g * g;
+                }
+                rb = next_r;
             }
             (pb, sb) = (next_p, next_s);
         }
@@ -363,23 +391,35 @@ pub(crate) fn fused_norms<T: Real, S: Streams>(
         }
         param.add_lanes(&acc_p, &olds[..r]);
         change.add_lanes(&acc_d, &deltas[..r]);
-        (p, streams) = (rest_p, rest_s);
+        if GRAD_SQ {
+            let mut rest = [T::zero(); LANES];
+            for (x, g) in rest.iter_mut().zip(rb) {
+                *x = g.get();
+            }
+            grad.add_lanes(&acc_g, &rest[..r]);
+        }
+        (p, streams, raw) = (rest_p, rest_s, rest_r);
     }
     Sums {
         param_sq: param.total(),
         update_sq: change.total(),
+        grad_sq: if GRAD_SQ { grad.total() } else { 0.0 },
         ..Sums::default()
     }
 }
 
 /// The loop of every fused kernel with one state buffer (sgd with momentum,
-/// lars, lion): [`fused_norms`] with `new = update(p, g, &mut state)`.
+/// lars, lion): [`fused_norms`] with `new = update(p, g, &mut state)`, and
+/// `sum(g^2)` when `sum_grad`.
 #[inline(always)]
-pub(crate) fn fused_one_state<T: Real, G: Copy>(
+pub(crate) fn fused_one_state<T: Real, G: GradElem<T>>(
     p: &mut [T],
     g: &[G],
     state: &mut [T],
+    sum_grad: bool,
     update: impl Fn(T, G, &mut T) -> T,
 ) -> Sums {
-    fused_norms(p, (g, state), |p, (g, s)| update(p, *g, s))
+    fused_norms(p, sum_grad.then_some(g), (g, state), |p, (g, s)| {
+        update(p, *g, s)
+    })
 }

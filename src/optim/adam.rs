@@ -13,7 +13,9 @@
 //! | lamb | 0 | 1 | lr*trust | wd | scan + 2 | 4 + 24 + 16 = 44 |
 //!
 //! The scan pass reads the gradient once (non-finite check and global norm,
-//! so a skipped step writes nothing). Two-pass variants update `m, v` and
+//! so a skipped step writes nothing). Under `on_nonfinite = "unchecked"`,
+//! adam and adamw without update clipping or gradient clipping skip it: the
+//! fused pass sums `g^2` as it goes (`sum_grad`), 28 bytes per parameter. Two-pass variants update `m, v` and
 //! accumulate the per-tensor norm in pass A, then recompute `u` from the new
 //! `m, v` in pass B instead of storing it: no tensor-sized temporary.
 
@@ -87,8 +89,9 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>, const COUPLED: 
     g: &[G],
     m: &mut [T],
     v: &mut [T],
+    sum_grad: bool,
 ) -> Sums {
-    fused_norms(p, (g, (m, v)), |p, (g, (m, v))| {
+    fused_norms(p, sum_grad.then_some(g), (g, (m, v)), |p, (g, (m, v))| {
         let g = prep.apply(g.get());
         let (g, kept) = if COUPLED {
             (g + k.l2 * p, p)
@@ -152,7 +155,7 @@ pub(crate) fn moments<T: Real, G: GradElem<T>, P: GradTransform<T>>(
 /// Pass B of the two-pass variants: reads `p, m, v`, writes `p`.
 #[inline(always)]
 pub(crate) fn apply<T: Real>(k: &AdamCoeffs<T>, p: &mut [T], m: &[T], v: &[T]) -> Sums {
-    fused_norms(p, (m, v), |p, (m, v)| {
+    fused_norms(p, None::<&[T]>, (m, v), |p, (m, v)| {
         p * k.decay - k.lr * (k.direction(*m, *v) + k.wd_dir * p)
     })
 }

@@ -59,7 +59,7 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     g: &[G],
     b: &mut [T],
 ) -> Sums {
-    fused_one_state(p, g, b, |p, g, b| {
+    fused_one_state(p, g, b, false, |p, g, b| {
         let u = k.lr_trust * (prep.apply(g.get()) + k.wd * p);
         *b = u + k.momentum * *b;
         p - (k.u_in_d * u + k.b_in_d * *b)

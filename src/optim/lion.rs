@@ -52,8 +52,9 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     p: &mut [T],
     g: &[G],
     m: &mut [T],
+    sum_grad: bool,
 ) -> Sums {
-    fused_one_state(p, g, m, |p, g, m| {
+    fused_one_state(p, g, m, sum_grad, |p, g, m| {
         let g = prep.apply(g.get());
         let c = k.b1 * *m + k.one_minus_b1 * g;
         *m = k.b2 * *m + k.one_minus_b2 * g;

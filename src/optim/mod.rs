@@ -56,7 +56,9 @@ pub trait Optimizer {
     /// Updates every parameter from its gradient and returns the statistics.
     ///
     /// Non-finite gradients skip the step (nothing is written) or return an
-    /// error, per [`crate::NonFinitePolicy`]. Buffers whose count or lengths do
+    /// error, per [`crate::NonFinitePolicy`] (under its `Unchecked`, a step
+    /// without the gradient scan applies them and reports them in the
+    /// statistics). Buffers whose count or lengths do
     /// not match [`Optimizer::specs`] are an error and nothing is written.
     fn step(&mut self, params: &mut [&mut Self::Param], grads: &[&Self::Grad])
         -> Result<StepStats>;
@@ -184,6 +186,11 @@ pub(crate) fn state_bytes(kind: &OptimizerKind, spec: &ParamSpec, elem_bytes: us
 /// # use keel::OptimizerConfig;
 /// let c = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.001}"#).unwrap();
 /// assert_eq!(keel::optim::bytes_per_param(&c, 4), (32, 28));
+/// // Without the gradient scan (see `NonFinitePolicy::Unchecked`):
+/// let c = OptimizerConfig::from_json(
+///     r#"{"kind": "adamw", "lr": 0.001, "on_nonfinite": "unchecked"}"#,
+/// ).unwrap();
+/// assert_eq!(keel::optim::bytes_per_param(&c, 4), (28, 28));
 /// ```
 pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) {
     // Buffers the size of the parameter (Shampoo's factors are per block).
@@ -209,7 +216,8 @@ pub fn bytes_per_param(config: &OptimizerConfig, elem: usize) -> (usize, usize) 
         // scan g; copy g (r, w); rotate it (r, w); m, v (r, w); the rotated
         // direction (w, r) and its rotation back (w, r); p (r, w).
         OptimizerKind::Soap(_) => 1 + 2 + 2 + 4 + 2 + 2 + 2,
-        _ => 1 + minimum / elem,
+        // one fused pass, after a scan of g unless the CPU step skips it.
+        _ => usize::from(!config.skips_scan()) + minimum / elem,
     };
     (streams * elem, minimum)
 }

@@ -60,8 +60,9 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     p: &mut [T],
     g: &[G],
     b: &mut [T],
+    sum_grad: bool,
 ) -> Sums {
-    fused_one_state(p, g, b, |p, g, b| {
+    fused_one_state(p, g, b, sum_grad, |p, g, b| {
         let g = prep.apply(g.get()) + k.wd * p;
         *b = k.keep * *b + k.take * g;
         p - k.lr * (k.g_in_d * g + k.b_in_d * *b)
@@ -75,6 +76,9 @@ pub(crate) fn step_plain<T: Real, G: GradElem<T>, P: GradTransform<T>>(
     prep: &P,
     p: &mut [T],
     g: &[G],
+    sum_grad: bool,
 ) -> Sums {
-    fused_norms(p, g, |p, g| p - k.lr * (prep.apply(g.get()) + k.wd * p))
+    fused_norms(p, sum_grad.then_some(g), g, |p, g| {
+        p - k.lr * (prep.apply(g.get()) + k.wd * p)
+    })
 }

@@ -237,7 +237,7 @@ pub(crate) fn step<T: Real, G: GradElem<T>, P: GradTransform<T>>(
 
     // 2. Plain AdamW until the first basis exists.
     if t < c.start_step() || !(sides.left || sides.right) {
-        return (adam::step::<T, G, P, false>(&k, prep, p, g, m, v), 0);
+        return (adam::step::<T, G, P, false>(&k, prep, p, g, m, v, false), 0);
     }
 
     // 3. New bases when due; the first moment follows them.

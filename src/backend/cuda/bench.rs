@@ -111,12 +111,13 @@ pub fn run(opts: &BenchOptions, sizes: &[usize]) -> Result<BenchReport> {
     if times.is_empty() {
         return Err(KeelError::config("bench.steps", "must be at least 1"));
     }
-    let (bytes, min_bytes) = step_bytes(opts);
+    let (bytes, min_bytes) = step_bytes(opts, true);
     let ms = median(times.clone());
     let gb = |b: usize, ms: f64| b as f64 * opts.params as f64 / (ms * 1e-3) / 1e9;
     let floor_ms = min_bytes as f64 * opts.params as f64 / (bandwidth * 1e9) * 1e3;
     Ok(BenchReport {
         optimizer: opts.config.kind.name().to_string(),
+        grad_check: true,
         device: format!("cuda:{device}"),
         params: opts.params,
         tensors: sizes.len(),
