@@ -11,11 +11,10 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype, View};
-use safetensors::SafeTensors;
+use safetensors::tensor::{Dtype, Metadata, View};
 
 use crate::config::OptimizerConfig;
 use crate::error::{KeelError, Result};
@@ -139,6 +138,35 @@ impl StateDict {
 
     /// The tensor `name` as a `Vec<T>` of length `len`; the dtype must be `T`'s.
     pub fn tensor<T: Real>(&self, name: &str, len: usize) -> Result<Vec<T>> {
+        let t = self.checked_tensor::<T>(name, len)?;
+        Ok(match &t.data {
+            StateData::F32(v) => v.iter().map(|&x| T::from_f64x(x as f64)).collect(),
+            StateData::F64(v) => v.iter().map(|&x| T::from_f64x(x)).collect(),
+        })
+    }
+
+    /// [`StateDict::tensor`] moved out of the dict (left empty), without a
+    /// copy.
+    pub(crate) fn take_tensor<T: Real>(&mut self, name: &str, len: usize) -> Result<Vec<T>> {
+        self.checked_tensor::<T>(name, len)?;
+        let t = self
+            .tensors
+            .iter_mut()
+            .find(|t| t.name == name)
+            .expect("checked above");
+        let data = std::mem::replace(&mut t.data, StateData::F32(Vec::new()));
+        // The dtype is `T`'s (checked), so the downcast succeeds.
+        let data: Box<dyn std::any::Any> = match data {
+            StateData::F32(v) => Box::new(v),
+            StateData::F64(v) => Box::new(v),
+        };
+        data.downcast::<Vec<T>>()
+            .map(|v| *v)
+            .map_err(|_| KeelError::State(format!("state tensor `{name}` changed type")))
+    }
+
+    /// The tensor `name`, checked to hold `len` elements of `T`'s dtype.
+    fn checked_tensor<T: Real>(&self, name: &str, len: usize) -> Result<&StateTensor> {
         let t = self
             .tensors
             .iter()
@@ -157,10 +185,7 @@ impl StateDict {
                 T::DTYPE
             )));
         }
-        Ok(match &t.data {
-            StateData::F32(v) => v.iter().map(|&x| T::from_f64x(x as f64)).collect(),
-            StateData::F64(v) => v.iter().map(|&x| T::from_f64x(x)).collect(),
-        })
+        Ok(t)
     }
 }
 
@@ -305,22 +330,166 @@ pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
 
 /// Parses safetensors bytes written by [`to_bytes`]; `path` is for messages.
 pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
-    let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| {
-        err(
-            path,
-            format!("not a readable safetensors file (truncated or corrupted?): {e}"),
-        )
-    })?;
-    let st = SafeTensors::deserialize(bytes).map_err(|e| {
-        err(
-            path,
-            format!("not a readable safetensors file (truncated or corrupted?): {e}"),
-        )
-    })?;
-    let meta = header
+    from_reader(std::io::Cursor::new(bytes), path)
+}
+
+/// The largest header keel reads (safetensors' own limit).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// Bytes read at a time while decoding a tensor (a multiple of 8).
+const READ_PIECE: usize = 1 << 20;
+
+/// A safetensors file read tensor by tensor: the header is parsed (and its
+/// offsets checked, by safetensors' `Metadata`) up front, and each tensor's
+/// bytes are read in [`READ_PIECE`]s when asked for, decoded as they arrive.
+/// Reading a file thus holds the decoded tensors and one piece, not the
+/// file's bytes besides.
+pub(crate) struct TensorReader<R> {
+    r: R,
+    path: PathBuf,
+    header: Metadata,
+    data_start: u64,
+    piece: Vec<u8>,
+}
+
+impl<R: Read + Seek> TensorReader<R> {
+    /// Reads and checks the header of the safetensors file in `r` (`path`
+    /// names it in errors): a file whose length differs from what the header
+    /// describes is an error here, before any tensor is read.
+    pub(crate) fn new(mut r: R, path: &Path) -> Result<Self> {
+        let io = |e: std::io::Error| err(path, format!("cannot read: {e}"));
+        let unreadable = |why: String| {
+            err(
+                path,
+                format!("not a readable safetensors file (truncated or corrupted?): {why}"),
+            )
+        };
+        let file_len = r.seek(SeekFrom::End(0)).map_err(io)?;
+        r.seek(SeekFrom::Start(0)).map_err(io)?;
+        if file_len < 8 {
+            return Err(unreadable(format!("{file_len} bytes, no header")));
+        }
+        let mut len_bytes = [0u8; 8];
+        r.read_exact(&mut len_bytes).map_err(io)?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
+            return Err(unreadable(format!(
+                "a header of {header_len} bytes in a file of {file_len}"
+            )));
+        }
+        let mut header_bytes = vec![0u8; header_len as usize];
+        r.read_exact(&mut header_bytes).map_err(io)?;
+        let header: Metadata = serde_json::from_slice(&header_bytes)
+            .map_err(|e| unreadable(format!("header: {e}")))?;
+        let data_start = 8 + header_len;
+        let data_len = header
+            .tensors()
+            .values()
+            .map(|t| t.data_offsets.1)
+            .max()
+            .unwrap_or(0) as u64;
+        if data_start + data_len != file_len {
+            return Err(unreadable(format!(
+                "the header describes {data_len} bytes of tensors, the file holds {}",
+                file_len - data_start
+            )));
+        }
+        Ok(TensorReader {
+            r,
+            path: path.to_path_buf(),
+            header,
+            data_start,
+            piece: Vec::new(),
+        })
+    }
+
+    /// The header's `__metadata__` map.
+    pub(crate) fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.header.metadata().as_ref()
+    }
+
+    /// Every tensor's name, sorted.
+    pub(crate) fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.header.tensors().into_keys().collect();
+        names.sort();
+        names
+    }
+
+    /// The dtype and shape of tensor `name`, if the file has it.
+    pub(crate) fn info(&self, name: &str) -> Option<(Dtype, &[usize])> {
+        self.header.info(name).map(|t| (t.dtype, &t.shape[..]))
+    }
+
+    /// Reads tensor `name` (F32 or F64), feeding its name and then its bytes
+    /// to `crc`.
+    pub(crate) fn read(&mut self, name: &str, crc: &mut crc32fast::Hasher) -> Result<StateData> {
+        let path = self.path.clone();
+        let io = |e: std::io::Error| err(&path, format!("cannot read: {e}"));
+        let info = self
+            .header
+            .info(name)
+            .ok_or_else(|| err(&path, format!("no tensor `{name}`")))?;
+        let (begin, end) = info.data_offsets;
+        let dtype = info.dtype;
+        self.r
+            .seek(SeekFrom::Start(self.data_start + begin as u64))
+            .map_err(io)?;
+        if self.piece.is_empty() {
+            self.piece = vec![0u8; READ_PIECE];
+        }
+        let (r, piece) = (&mut self.r, &mut self.piece);
+        // Reads the tensor's bytes piece by piece into `decode`.
+        let mut read = |decode: &mut dyn FnMut(&[u8])| -> Result<()> {
+            crc.update(name.as_bytes());
+            let mut left = end - begin;
+            while left > 0 {
+                let bytes = &mut piece[..left.min(READ_PIECE)];
+                r.read_exact(bytes).map_err(io)?;
+                crc.update(bytes);
+                decode(bytes);
+                left -= bytes.len();
+            }
+            Ok(())
+        };
+        let what = format!("tensor `{name}` of {}", path.display());
+        Ok(match dtype {
+            Dtype::F32 => {
+                let mut v = crate::memory::try_with_capacity::<f32>((end - begin) / 4, &what)?;
+                read(&mut |b| {
+                    v.extend(
+                        b.chunks_exact(4)
+                            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    )
+                })?;
+                StateData::F32(v)
+            }
+            Dtype::F64 => {
+                let mut v = crate::memory::try_with_capacity::<f64>((end - begin) / 8, &what)?;
+                read(&mut |b| {
+                    v.extend(b.chunks_exact(8).map(|b| {
+                        f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                    }))
+                })?;
+                StateData::F64(v)
+            }
+            other => {
+                return Err(err(
+                    &path,
+                    format!("tensor `{name}` has unsupported dtype {other:?}"),
+                ))
+            }
+        })
+    }
+}
+
+/// Reads a state file from `r` with a [`TensorReader`], checking the CRC as
+/// the tensors arrive.
+fn from_reader<R: Read + Seek>(r: R, path: &Path) -> Result<StateDict> {
+    let mut reader = TensorReader::new(r, path)?;
+    let meta = reader
         .metadata()
-        .as_ref()
-        .ok_or_else(|| err(path, "no metadata: not a keel optimizer state file"))?;
+        .ok_or_else(|| err(path, "no metadata: not a keel optimizer state file"))?
+        .clone();
     let get = |key: &str| {
         meta.get(key).ok_or_else(|| {
             err(
@@ -360,41 +529,16 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<StateDict> {
         .parse()
         .map_err(|_| err(path, "metadata `step` is not a number"))?;
 
-    let mut crc = checksum_of_metadata(meta);
-    let mut tensors = Vec::new();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
+    let mut crc = checksum_of_metadata(&meta);
+    let names = reader.names();
+    let mut tensors = Vec::with_capacity(names.len());
     for name in names {
-        let view = st
-            .tensor(&name)
-            .map_err(|e| err(path, format!("tensor `{name}`: {e}")))?;
-        let bytes = view.data();
-        let data = match view.dtype() {
-            Dtype::F32 => StateData::F32(
-                bytes
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-            ),
-            Dtype::F64 => StateData::F64(
-                bytes
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
-                    .collect(),
-            ),
-            other => {
-                return Err(err(
-                    path,
-                    format!("tensor `{name}` has unsupported dtype {other:?}"),
-                ))
-            }
-        };
-        add_tensor(&mut crc, &name, bytes);
-        tensors.push(StateTensor {
-            name,
-            shape: view.shape().to_vec(),
-            data,
-        });
+        let data = reader.read(&name, &mut crc)?;
+        let shape = reader
+            .info(&name)
+            .map(|(_, s)| s.to_vec())
+            .unwrap_or_default();
+        tensors.push(StateTensor { name, shape, data });
     }
     let want = get("crc32")?;
     let got = format!("{:08x}", crc.finalize());
@@ -470,8 +614,24 @@ fn write_atomic_with(path: &Path, write: impl FnOnce(&Path) -> std::io::Result<(
     })
 }
 
-/// Reads a state file written by [`save`].
+/// `e`, from loading the state file `path` into an optimizer, as an error
+/// that names the file: a state that does not fit the optimizer (or a
+/// config it cannot take) becomes a [`KeelError::Checkpoint`]; other errors
+/// pass unchanged.
+pub fn in_file(path: &Path, e: KeelError) -> KeelError {
+    match e {
+        KeelError::State(m) => err(path, format!("does not match the optimizer: {m}")),
+        KeelError::Config { field, message } => err(
+            path,
+            format!("holds a config the optimizer cannot take: `{field}`: {message}"),
+        ),
+        other => other,
+    }
+}
+
+/// Reads a state file written by [`save`], tensor by tensor: loading holds
+/// the decoded state, not the file's bytes besides.
 pub fn load(path: &Path) -> Result<StateDict> {
-    let bytes = fs::read(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
-    from_bytes(&bytes, path)
+    let file = fs::File::open(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    from_reader(file, path)
 }

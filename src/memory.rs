@@ -158,9 +158,16 @@ pub fn bytes_of(count: usize, elem_bytes: usize) -> u128 {
 /// A buffer of `n` copies of `value`, or [`KeelError::Memory`] naming `what`
 /// when the allocator refuses it.
 pub(crate) fn try_filled<T: Clone>(n: usize, value: T, what: &str) -> Result<Vec<T>> {
+    let mut v = try_with_capacity(n, what)?;
+    v.resize(n, value);
+    Ok(v)
+}
+
+/// An empty buffer with room for `n` elements, or [`KeelError::Memory`]
+/// naming `what` when the allocator refuses it.
+pub(crate) fn try_with_capacity<T>(n: usize, what: &str) -> Result<Vec<T>> {
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|_| refused::<T>(n, what))?;
-    v.resize(n, value);
     Ok(v)
 }
 

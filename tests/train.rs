@@ -71,6 +71,54 @@ fn resume_continues_bit_exactly() {
     );
 }
 
+/// A checkpoint folder with a truncated or mismatched file is an error that
+/// names the file, never a panic or a half-loaded trainer; the intact folder
+/// still loads.
+#[test]
+fn broken_checkpoints_are_errors_naming_the_file() {
+    let data = Dataset::tiny_shakespeare(16).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut t = Trainer::new(resume_config(4), &data).unwrap();
+    t.train_step(&data).unwrap();
+    t.save(dir.path(), &data).unwrap();
+    for file in ["model.safetensors", "optimizer0.safetensors"] {
+        let path = dir.path().join(file);
+        let bytes = std::fs::read(&path).unwrap();
+        for cut in [0, 7, 100, bytes.len() / 2, bytes.len() - 1] {
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let msg = match Trainer::load(dir.path(), &data) {
+                Ok(_) => panic!("{file} cut at {cut} of {} loaded", bytes.len()),
+                Err(e) => e.to_string(),
+            };
+            assert!(msg.contains(file), "{file} cut at {cut}: {msg}");
+            assert!(msg.contains("truncated"), "{file} cut at {cut}: {msg}");
+        }
+        std::fs::write(&path, &bytes).unwrap();
+    }
+    // A model file from a wider run: its optimizer state no longer fits, and
+    // the error names the optimizer's file.
+    let other = dir.path().join("other");
+    let mut wide = resume_config(4);
+    wide.model = GptConfig::new(65, 16, 2, 2, 48);
+    Trainer::new(wide, &data)
+        .unwrap()
+        .save(&other, &data)
+        .unwrap();
+    std::fs::copy(
+        other.join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let msg = Trainer::load(dir.path(), &data).err().unwrap().to_string();
+    assert!(
+        msg.contains("optimizer0.safetensors") && msg.contains("does not match"),
+        "{msg}"
+    );
+    // The intact files load.
+    t.save(dir.path(), &data).unwrap();
+    assert_eq!(Trainer::load(dir.path(), &data).unwrap().step(), 1);
+}
+
 #[test]
 fn spike_lab_smoke_writes_report_plots_and_metrics() {
     let dir = tempfile::tempdir().unwrap();

@@ -942,12 +942,42 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
     fn load_state_dict(&mut self, sd: &StateDict) -> Result<()> {
         let (group_of, state) =
             read_state::<T>(sd, &self.config.kind, T::DTYPE, "this one", &self.specs)?;
+        self.install(sd, group_of, state);
+        Ok(())
+    }
+
+    /// Reads the file and moves its buffers into the optimizer, so that
+    /// loading holds one copy of the state (a state dict, then this
+    /// optimizer's buffers), not three.
+    fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
+        let sd = crate::checkpoint::load(path)?;
+        self.load_owned(sd)
+            .map_err(|e| crate::checkpoint::in_file(path, e))
+    }
+}
+
+impl<T: Real> CpuOptimizer<T> {
+    /// [`Optimizer::load_state_dict`] that moves the buffers out of `sd`
+    /// instead of copying them.
+    pub(crate) fn load_owned(&mut self, mut sd: StateDict) -> Result<()> {
+        let (group_of, state) = take_state::<T>(
+            &mut sd,
+            &self.config.kind,
+            T::DTYPE,
+            "this one",
+            &self.specs,
+        )?;
+        self.install(&sd, group_of, state);
+        Ok(())
+    }
+
+    /// Takes a checked state: `sd`'s config, groups and step, and `state`.
+    fn install(&mut self, sd: &StateDict, group_of: Vec<usize>, state: SlotState<T>) {
         self.config = sd.config.clone();
         self.groups = sd.groups.clone();
         self.group_of = group_of;
         self.state = state;
         self.step = sd.step;
-        Ok(())
     }
 }
 
@@ -1059,6 +1089,38 @@ pub(crate) fn read_state<T: Real>(
     this: &str,
     specs: &[ParamSpec],
 ) -> Result<(Vec<usize>, SlotState<T>)> {
+    let group_of = check_state(sd, kind, dtype, this, specs)?;
+    let state = collect_state(&sd.config.kind, specs, |name, len| {
+        sd.tensor::<T>(name, len)
+    })?;
+    Ok((group_of, state))
+}
+
+/// [`read_state`] that moves the buffers out of `sd` (which a failure leaves
+/// partly emptied; the optimizer is not touched either way).
+pub(crate) fn take_state<T: Real>(
+    sd: &mut StateDict,
+    kind: &OptimizerKind,
+    dtype: &str,
+    this: &str,
+    specs: &[ParamSpec],
+) -> Result<(Vec<usize>, SlotState<T>)> {
+    let group_of = check_state(sd, kind, dtype, this, specs)?;
+    let saved_kind = sd.config.kind.clone();
+    let state = collect_state(&saved_kind, specs, |name, len| {
+        sd.take_tensor::<T>(name, len)
+    })?;
+    Ok((group_of, state))
+}
+
+/// The checks of [`read_state`]; returns the group assignment.
+fn check_state(
+    sd: &StateDict,
+    kind: &OptimizerKind,
+    dtype: &str,
+    this: &str,
+    specs: &[ParamSpec],
+) -> Result<Vec<usize>> {
     if sd.config.kind.name() != kind.name() {
         return Err(KeelError::State(format!(
             "state is for `{}`, optimizer is `{}`",
@@ -1074,19 +1136,28 @@ pub(crate) fn read_state<T: Real>(
     }
     sd.check_specs(specs)?;
     sd.config.validate()?;
-    let group_of = assign_groups(specs, &sd.groups)?;
-    let slots = state_slots(&sd.config.kind);
+    assign_groups(specs, &sd.groups)
+}
+
+/// Every buffer of a state of `kind` over `specs`, each from `buffer(name,
+/// len)` with the length of a fresh one.
+fn collect_state<T: Real>(
+    kind: &OptimizerKind,
+    specs: &[ParamSpec],
+    mut buffer: impl FnMut(&str, usize) -> Result<Vec<T>>,
+) -> Result<SlotState<T>> {
+    let slots = state_slots(kind);
     let mut state = Vec::with_capacity(specs.len());
     for spec in specs {
-        let fresh: Vec<Vec<T>> = initial_state(&sd.config.kind, spec)?;
+        let fresh: Vec<Vec<T>> = initial_state(kind, spec)?;
         let mut bufs = Vec::with_capacity(slots.len());
         for (slot, like) in slots.iter().zip(&fresh) {
             let name = format!("{}/{}", spec.name, slot);
-            bufs.push(sd.tensor::<T>(&name, like.len())?);
+            bufs.push(buffer(&name, like.len())?);
         }
         state.push(bufs);
     }
-    Ok((group_of, state))
+    Ok(state)
 }
 
 /// The step of a matrix optimizer (Muon, Shampoo, SOAP): each tensor whole

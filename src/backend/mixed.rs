@@ -215,6 +215,18 @@ impl Optimizer for MixedPrecisionOptimizer {
         self.rounding = rounding;
         Ok(())
     }
+
+    /// Reads the file and moves the moments into the inner optimizer (the
+    /// master weights are copied), see [`CpuOptimizer`]'s `load_state`.
+    fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
+        let in_file = |e| crate::checkpoint::in_file(path, e);
+        let sd = crate::checkpoint::load(path)?;
+        let (master, rounding) = read_master(&sd, self.inner.specs()).map_err(in_file)?;
+        self.inner.load_owned(sd).map_err(in_file)?;
+        self.master = master;
+        self.rounding = rounding;
+        Ok(())
+    }
 }
 
 /// Adds the f32 master weights (`master(i, spec)` reads tensor `i`'s) and the

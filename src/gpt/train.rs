@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::CpuOptimizer;
-use crate::checkpoint::LeBytesView;
+use crate::checkpoint::{LeBytesView, StateData, TensorReader};
 use crate::config::{AdamWConfig, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
@@ -541,9 +541,10 @@ pub struct Trainer {
 /// micro-batch sum when accumulating), the EMA copy, every optimizer's state
 /// (Shampoo's and SOAP's factors included), the loss guard's snapshot of
 /// parameters and state, and the activations of one micro-batch. On top, at
-/// a checkpoint: the optimizer's state dict (a copy of its state; the files
-/// are written one tensor at a time). Scratch inside a step (e.g. Shampoo's
-/// eigendecompositions) is not counted.
+/// a checkpoint: the optimizer's state dict (a copy of its state, while
+/// saving; on resume the state dict read from the file is moved into the
+/// optimizer, and the files are written and read one tensor at a time).
+/// Scratch inside a step (e.g. Shampoo's eigendecompositions) is not counted.
 fn memory_needed(config: &TrainConfig, model: &Gpt<f32>) -> u128 {
     let f32_bytes = std::mem::size_of::<f32>();
     let param_bytes = model.num_params() as u128 * f32_bytes as u128;
@@ -1082,18 +1083,13 @@ pub struct ModelCheckpoint {
     pub step: u64,
     skipped: u64,
     path: PathBuf,
-    bytes: Vec<u8>,
 }
 
 impl ModelCheckpoint {
     /// Reads `dir/model.safetensors`; errors name the file.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("model.safetensors");
-        let bytes =
-            fs::read(&path).map_err(|e| checkpoint_err(&path, format!("cannot read: {e}")))?;
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
-            .map_err(|e| checkpoint_err(&path, e.to_string()))?;
-        let meta = meta.metadata().clone().unwrap_or_default();
+        let meta = Self::reader(&path)?.metadata().cloned().unwrap_or_default();
         let get = |k: &str| {
             meta.get(k)
                 .cloned()
@@ -1115,31 +1111,41 @@ impl ModelCheckpoint {
             vocab: get("vocab")?,
             config,
             path,
-            bytes,
         })
     }
 
-    /// The tensors named `prefix + spec.name`, checked against `specs`.
+    /// The file, its header read and checked (tensors are read on demand).
+    fn reader(path: &Path) -> Result<TensorReader<fs::File>> {
+        let file =
+            fs::File::open(path).map_err(|e| checkpoint_err(path, format!("cannot read: {e}")))?;
+        TensorReader::new(file, path)
+    }
+
+    /// The tensors named `prefix + spec.name`, checked against `specs`, read
+    /// from the file one at a time.
     pub fn tensors(&self, specs: &[ParamSpec], prefix: &str) -> Result<Vec<Vec<f32>>> {
-        let st = safetensors::SafeTensors::deserialize(&self.bytes)
-            .map_err(|e| checkpoint_err(&self.path, e.to_string()))?;
+        let mut reader = Self::reader(&self.path)?;
+        // The model file has no checksum of its own; this one is discarded.
+        let mut crc = crc32fast::Hasher::new();
         specs
             .iter()
             .map(|s| {
                 let name = format!("{prefix}{}", s.name);
-                let v = st
-                    .tensor(&name)
-                    .map_err(|e| checkpoint_err(&self.path, format!("`{name}`: {e}")))?;
-                if v.dtype() != safetensors::Dtype::F32 || v.shape() != s.shape.as_slice() {
-                    return Err(checkpoint_err(
+                match reader.info(&name) {
+                    None => Err(checkpoint_err(&self.path, format!("no tensor `{name}`"))),
+                    Some((safetensors::Dtype::F32, shape)) if shape == s.shape.as_slice() => {
+                        match reader.read(&name, &mut crc)? {
+                            StateData::F32(v) => Ok(v),
+                            StateData::F64(_) => {
+                                Err(checkpoint_err(&self.path, format!("`{name}` read as f64")))
+                            }
+                        }
+                    }
+                    Some(_) => Err(checkpoint_err(
                         &self.path,
                         format!("`{name}` is not f32 of shape {:?}", s.shape),
-                    ));
+                    )),
                 }
-                Ok(v.data()
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect())
             })
             .collect()
     }

@@ -76,10 +76,12 @@ pub trait Optimizer {
         checkpoint::save(path, &self.state_dict()?)
     }
 
-    /// Reads a state written by [`Optimizer::save_state`].
+    /// Reads a state written by [`Optimizer::save_state`]; a state that does
+    /// not fit is an error naming the file ([`checkpoint::in_file`]).
     fn load_state(&mut self, path: &Path) -> Result<()> {
         let state = checkpoint::load(path)?;
         self.load_state_dict(&state)
+            .map_err(|e| checkpoint::in_file(path, e))
     }
 }
 
