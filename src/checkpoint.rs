@@ -388,7 +388,7 @@ impl<R: Read + Seek> TensorReader<R> {
             .map(|t| t.data_offsets.1)
             .max()
             .unwrap_or(0) as u64;
-        if data_start + data_len != file_len {
+        if data_start.checked_add(data_len) != Some(file_len) {
             return Err(unreadable(format!(
                 "the header describes {data_len} bytes of tensors, the file holds {}",
                 file_len - data_start
@@ -632,6 +632,11 @@ pub fn in_file(path: &Path, e: KeelError) -> KeelError {
 /// Reads a state file written by [`save`], tensor by tensor: loading holds
 /// the decoded state, not the file's bytes besides.
 pub fn load(path: &Path) -> Result<StateDict> {
-    let file = fs::File::open(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    let cannot = |e: std::io::Error| err(path, format!("cannot read: {e}"));
+    let file = fs::File::open(path).map_err(cannot)?;
+    if !file.metadata().map_err(cannot)?.is_file() {
+        // A pipe or device cannot seek: read it whole, as before.
+        return from_bytes(&fs::read(path).map_err(cannot)?, path);
+    }
     from_reader(file, path)
 }

@@ -349,7 +349,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             seed,
             prompt,
         } => {
-            let ckpt = ModelCheckpoint::read(&checkpoint)?;
+            let mut ckpt = ModelCheckpoint::read(&checkpoint)?;
             let mut model = keel::gpt::Gpt::<f32>::new(ckpt.config.model.clone())?;
             let params = ckpt.tensors(&model.param_specs(), "")?;
             let vocab: Vec<char> = ckpt.vocab.chars().collect();

@@ -553,3 +553,102 @@ fn saved_files_hold_what_to_bytes_holds() {
         fs::metadata(&plain).unwrap().permissions()
     );
 }
+
+/// The reader takes the header's offsets, not the order of its keys or of
+/// the names: a file whose tensors lie in another order than their names
+/// sort (here two tensors' bytes swapped, with their offsets) loads the same
+/// state, and its checksum still holds.
+#[test]
+fn tensors_laid_out_in_any_order_load_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, bytes, data_start, opt) = saved_adamw(dir.path());
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..data_start]).unwrap();
+    let offsets = |h: &serde_json::Map<String, serde_json::Value>, name: &str| -> (usize, usize) {
+        let o = &h[name]["data_offsets"];
+        (
+            o[0].as_u64().unwrap() as usize,
+            o[1].as_u64().unwrap() as usize,
+        )
+    };
+    // Two tensors of one parameter (same length), swapped in the data.
+    let (a, b) = ("big/exp_avg", "big/exp_avg_sq");
+    let (oa, ob) = (offsets(&header, a), offsets(&header, b));
+    assert_eq!(oa.1 - oa.0, ob.1 - ob.0);
+    assert!(oa.0 < ob.0, "the writer lays tensors out in name order");
+    let mut data = bytes[data_start..].to_vec();
+    let (first, second) = (data[oa.0..oa.1].to_vec(), data[ob.0..ob.1].to_vec());
+    data[oa.0..oa.1].copy_from_slice(&second);
+    data[ob.0..ob.1].copy_from_slice(&first);
+    let swap =
+        |h: &mut serde_json::Map<String, serde_json::Value>, name: &str, o: (usize, usize)| {
+            h.get_mut(name).unwrap()["data_offsets"] = serde_json::json!([o.0, o.1]);
+        };
+    swap(&mut header, a, ob);
+    swap(&mut header, b, oa);
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(&header);
+    file.extend(&data);
+    let moved = dir.path().join("moved.safetensors");
+    fs::write(&moved, &file).unwrap();
+    assert_state_eq(
+        &checkpoint::load(&moved).unwrap(),
+        &opt.state_dict().unwrap(),
+        "swapped layout",
+    );
+    assert_state_eq(
+        &checkpoint::load(&path).unwrap(),
+        &opt.state_dict().unwrap(),
+        "original",
+    );
+}
+
+/// Headers whose offsets add up to more than any file (here eight F64
+/// tensors of 2^58 - 1 elements, which safetensors' own checks accept) are
+/// refused as truncated, in debug builds too, before anything is allocated.
+#[test]
+fn headers_describing_impossible_sizes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let n: u64 = (1 << 58) - 1;
+    let mut header = serde_json::Map::new();
+    header.insert(
+        "__metadata__".into(),
+        serde_json::json!({"format": checkpoint::FORMAT}),
+    );
+    for i in 0..8u64 {
+        header.insert(
+            format!("t{i}"),
+            serde_json::json!({"dtype": "F64", "shape": [n], "data_offsets": [i * n * 8, (i + 1) * n * 8]}),
+        );
+    }
+    let header = serde_json::to_vec(&header).unwrap();
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend(&header);
+    let path = dir.path().join("huge.safetensors");
+    fs::write(&path, &file).unwrap();
+    let e = checkpoint::load(&path).unwrap_err();
+    assert!(matches!(e, KeelError::Checkpoint { .. }), "{e:?}");
+    assert!(e.to_string().contains("truncated"), "{e}");
+}
+
+/// A mixed-precision optimizer refuses a state that does not fit, naming
+/// the file, and keeps its own state.
+#[test]
+fn mixed_precision_refuses_a_state_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, _, _, _) = saved_adamw(dir.path());
+    let p0 = bf16_values(init::<f32>());
+    let mut target = mixed(&p0, groups(), Rounding::Nearest);
+    let before = target.state_dict().unwrap();
+    // An f32 optimizer's state has no master weights.
+    let e = target.load_state(&path).unwrap_err();
+    assert!(matches!(e, KeelError::Checkpoint { .. }), "{e:?}");
+    assert!(e.to_string().contains("adamw.safetensors"), "{e}");
+    assert!(e.to_string().contains("master"), "{e}");
+    assert_state_eq(
+        &target.state_dict().unwrap(),
+        &before,
+        "after a refused load",
+    );
+}

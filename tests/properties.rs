@@ -702,3 +702,72 @@ proptest! {
         }
     }
 }
+
+/// Under `unchecked`, finite gradients whose squares overflow f32 are still
+/// finite: the fused pass's sum is non-finite, the exact recheck finds every
+/// element finite, and the norm is redone in f64 (as the scan does).
+#[test]
+fn unchecked_finite_gradients_whose_squares_overflow() {
+    let specs = vec![ParamSpec::new("a", [1000]), ParamSpec::new("b", [70])];
+    let grads: Vec<Vec<f32>> = vec![
+        (0..1000)
+            .map(|i| if i % 7 == 0 { 3e20 } else { 0.5 })
+            .collect(),
+        vec![0.25; 70],
+    ];
+    for policy in [NonFinitePolicy::Skip, NonFinitePolicy::Unchecked] {
+        let mut cfg = config(r#"{"kind":"adamw","lr":1,"weight_decay":0.1}"#, 1e-3);
+        cfg.on_nonfinite = policy;
+        let mut opt = CpuOptimizer::<f32>::new(cfg, specs.clone()).unwrap();
+        let mut params = vec![vec![1.0f32; 1000], vec![1.0f32; 70]];
+        let stats = step(&mut opt, &mut params, &grads).unwrap();
+        assert_eq!(stats.skipped, None, "{policy:?}");
+        for (t, g) in stats.tensors.iter().zip(&grads) {
+            let exact = norm(g.iter().map(|&x| x as f64));
+            assert!(t.finite, "{policy:?}");
+            assert!(
+                (t.grad_norm - exact).abs() <= 1e-12 * exact,
+                "{policy:?}: {} vs {exact}",
+                t.grad_norm
+            );
+        }
+        assert!(params.iter().flatten().all(|p| p.is_finite()), "{policy:?}");
+    }
+}
+
+/// Under `unchecked`, mixed precision applies a NaN gradient as the f32
+/// optimizer does: the step is taken, the stats flag exactly the bad tensor,
+/// its master weights turn non-finite, and the other tensor is updated.
+#[test]
+fn unchecked_mixed_precision_applies_and_reports_a_nan() {
+    let specs = vec![ParamSpec::new("a", [300]), ParamSpec::new("b", [40])];
+    let mut cfg = config(r#"{"kind":"adamw","lr":1,"weight_decay":0.1}"#, 1e-2);
+    cfg.on_nonfinite = NonFinitePolicy::Unchecked;
+    let mut params: Vec<Vec<bf16>> = vec![
+        vec![bf16::from_f32(0.5); 300],
+        vec![bf16::from_f32(0.5); 40],
+    ];
+    let init: Vec<&[bf16]> = params.iter().map(|p| &p[..]).collect();
+    let mut opt = MixedPrecisionOptimizer::new(
+        cfg,
+        specs.clone(),
+        vec![ParamGroup::all(&specs)],
+        &init,
+        Rounding::Nearest,
+    )
+    .unwrap();
+    let mut grads = vec![
+        vec![bf16::from_f32(0.1); 300],
+        vec![bf16::from_f32(0.1); 40],
+    ];
+    grads[0][123] = bf16::NAN;
+    let stats = step_bf16(&mut opt, &mut params, &grads).unwrap();
+    assert_eq!(stats.skipped, None);
+    assert_eq!(opt.step_count(), 1);
+    assert_eq!(
+        stats.tensors.iter().map(|t| t.finite).collect::<Vec<_>>(),
+        [false, true]
+    );
+    assert!(!opt.master(0).iter().all(|x| x.is_finite()));
+    assert!(opt.master(1).iter().all(|x| x.is_finite() && *x != 0.5));
+}

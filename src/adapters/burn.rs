@@ -11,7 +11,8 @@
 //! - `clip_global_norm` clips each parameter's gradient by its own norm (use
 //!   burn's `GradientClipping` on the `ModuleOptimizer` for module-wide
 //!   clipping);
-//! - a non-finite gradient skips that parameter's update only;
+//! - a non-finite gradient skips that parameter's update only (under
+//!   `on_nonfinite = "unchecked"` it is applied, and not counted below);
 //! - parameter groups are burn's: give a second `KeelBurn` (e.g. with
 //!   `weight_decay` 0) to [`burn::optim::ModuleOptimizer::with_group`].
 //!
@@ -137,7 +138,7 @@ impl KeelBurn {
                     specs: vec![spec],
                     ..state
                 };
-                opt.load_state_dict(&state)?;
+                opt.load_owned(state)?;
                 Ok(opt)
             }
             None => self.fresh(shape),

@@ -216,12 +216,12 @@ impl Optimizer for MixedPrecisionOptimizer {
         Ok(())
     }
 
-    /// Reads the file and moves the moments into the inner optimizer (the
-    /// master weights are copied), see [`CpuOptimizer`]'s `load_state`.
+    /// Reads the file and moves the master weights and the moments in (one
+    /// copy of the state in memory), see [`CpuOptimizer`]'s `load_state`.
     fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
         let in_file = |e| crate::checkpoint::in_file(path, e);
-        let sd = crate::checkpoint::load(path)?;
-        let (master, rounding) = read_master(&sd, self.inner.specs()).map_err(in_file)?;
+        let mut sd = crate::checkpoint::load(path)?;
+        let (master, rounding) = take_master(&mut sd, self.inner.specs()).map_err(in_file)?;
         self.inner.load_owned(sd).map_err(in_file)?;
         self.master = master;
         self.rounding = rounding;
@@ -259,6 +259,21 @@ pub(crate) fn read_master(
     for spec in specs {
         master.push(sd.tensor::<f32>(&format!("{}/master", spec.name), spec.numel())?);
     }
+    Ok((master, saved_rounding(sd)?))
+}
+
+/// [`read_master`] that moves the master weights out of `sd`.
+fn take_master(sd: &mut StateDict, specs: &[ParamSpec]) -> Result<(Vec<Vec<f32>>, Rounding)> {
+    let rounding = saved_rounding(sd)?;
+    let mut master = Vec::with_capacity(specs.len());
+    for spec in specs {
+        master.push(sd.take_tensor::<f32>(&format!("{}/master", spec.name), spec.numel())?);
+    }
+    Ok((master, rounding))
+}
+
+/// The master-weight rounding mode a mixed-precision state was saved with.
+fn saved_rounding(sd: &StateDict) -> Result<Rounding> {
     let rounding = match sd.extra.get("rounding") {
         Some(r) => {
             serde_json::from_str(r).map_err(|e| KeelError::State(format!("rounding: {e}")))?
@@ -269,5 +284,5 @@ pub(crate) fn read_master(
             ))
         }
     };
-    Ok((master, rounding))
+    Ok(rounding)
 }

@@ -1041,7 +1041,7 @@ impl Trainer {
     /// checkpoint (`steps` may be raised by the caller afterwards with
     /// [`Trainer::set_steps`]).
     pub fn load(dir: &Path, data: &Dataset) -> Result<Self> {
-        let ckpt = ModelCheckpoint::read(dir)?;
+        let mut ckpt = ModelCheckpoint::read(dir)?;
         if ckpt.vocab != data.vocab().chars().iter().collect::<String>() {
             return Err(KeelError::config(
                 "data",
@@ -1083,13 +1083,19 @@ pub struct ModelCheckpoint {
     pub step: u64,
     skipped: u64,
     path: PathBuf,
+    /// The file, open: the tensors come from the file the metadata came
+    /// from, even if a run saves a new checkpoint over it meanwhile.
+    reader: TensorReader<fs::File>,
 }
 
 impl ModelCheckpoint {
     /// Reads `dir/model.safetensors`; errors name the file.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("model.safetensors");
-        let meta = Self::reader(&path)?.metadata().cloned().unwrap_or_default();
+        let file = fs::File::open(&path)
+            .map_err(|e| checkpoint_err(&path, format!("cannot read: {e}")))?;
+        let reader = TensorReader::new(file, &path)?;
+        let meta = reader.metadata().cloned().unwrap_or_default();
         let get = |k: &str| {
             meta.get(k)
                 .cloned()
@@ -1111,20 +1117,14 @@ impl ModelCheckpoint {
             vocab: get("vocab")?,
             config,
             path,
+            reader,
         })
-    }
-
-    /// The file, its header read and checked (tensors are read on demand).
-    fn reader(path: &Path) -> Result<TensorReader<fs::File>> {
-        let file =
-            fs::File::open(path).map_err(|e| checkpoint_err(path, format!("cannot read: {e}")))?;
-        TensorReader::new(file, path)
     }
 
     /// The tensors named `prefix + spec.name`, checked against `specs`, read
     /// from the file one at a time.
-    pub fn tensors(&self, specs: &[ParamSpec], prefix: &str) -> Result<Vec<Vec<f32>>> {
-        let mut reader = Self::reader(&self.path)?;
+    pub fn tensors(&mut self, specs: &[ParamSpec], prefix: &str) -> Result<Vec<Vec<f32>>> {
+        let reader = &mut self.reader;
         // The model file has no checksum of its own; this one is discarded.
         let mut crc = crc32fast::Hasher::new();
         specs
