@@ -30,7 +30,8 @@ use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::{assign_groups, ParamGroup};
 use crate::optim::{
-    adam, initial_state, lars, lion, muon, sgd, shampoo, soap, state_slots, trust_ratio, Optimizer,
+    adam, initial_state, lars, lion, muon, sgd, shampoo, soap, state_lens, state_slots,
+    trust_ratio, Optimizer,
 };
 use crate::real::{GradElem, Real};
 use crate::stats::{SkipReason, StepStats, TensorStats};
@@ -1140,7 +1141,7 @@ fn check_state(
 }
 
 /// Every buffer of a state of `kind` over `specs`, each from `buffer(name,
-/// len)` with the length of a fresh one.
+/// len)` with the length of a fresh one ([`state_lens`]).
 fn collect_state<T: Real>(
     kind: &OptimizerKind,
     specs: &[ParamSpec],
@@ -1149,11 +1150,11 @@ fn collect_state<T: Real>(
     let slots = state_slots(kind);
     let mut state = Vec::with_capacity(specs.len());
     for spec in specs {
-        let fresh: Vec<Vec<T>> = initial_state(kind, spec)?;
+        let lens = state_lens(kind, spec)?;
         let mut bufs = Vec::with_capacity(slots.len());
-        for (slot, like) in slots.iter().zip(&fresh) {
+        for (slot, len) in slots.iter().zip(lens) {
             let name = format!("{}/{}", spec.name, slot);
-            bufs.push(buffer(&name, like.len())?);
+            bufs.push(buffer(&name, len)?);
         }
         state.push(bufs);
     }

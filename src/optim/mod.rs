@@ -129,15 +129,7 @@ pub(crate) fn initial_state<T: crate::real::Real>(
     kind: &OptimizerKind,
     spec: &ParamSpec,
 ) -> crate::Result<Vec<Vec<T>>> {
-    let numel = spec.checked_numel().ok_or_else(|| {
-        crate::KeelError::shape(
-            &spec.name,
-            format!(
-                "shape {:?} has more elements than fit in memory",
-                spec.shape
-            ),
-        )
-    })?;
+    let numel = checked_numel(spec)?;
     let what = format!("the optimizer state of `{}`", spec.name);
     match kind {
         OptimizerKind::Shampoo(c) => {
@@ -149,6 +141,47 @@ pub(crate) fn initial_state<T: crate::real::Real>(
             .map(|_| crate::memory::try_zeros(numel, &what))
             .collect(),
     }
+}
+
+/// The element count of `spec`, or a [`crate::KeelError::Shape`] error when
+/// it overflows.
+fn checked_numel(spec: &ParamSpec) -> crate::Result<usize> {
+    spec.checked_numel().ok_or_else(|| {
+        crate::KeelError::shape(
+            &spec.name,
+            format!(
+                "shape {:?} has more elements than fit in memory",
+                spec.shape
+            ),
+        )
+    })
+}
+
+/// The length of each buffer [`initial_state`] gives `spec`, without
+/// allocating them (loading a state needs the lengths only; Shampoo's and
+/// SOAP's fresh identities would cost real memory).
+pub(crate) fn state_lens(kind: &OptimizerKind, spec: &ParamSpec) -> crate::Result<Vec<usize>> {
+    let numel = checked_numel(spec)?;
+    let factors = match kind {
+        OptimizerKind::Shampoo(c) => {
+            shampoo::factor_elements(&spec.shape, c.max_preconditioner_dim)
+        }
+        OptimizerKind::Soap(c) => soap::factor_dims(&spec.shape, c)
+            .iter()
+            .map(|&n| (n as u128).pow(2))
+            .sum(),
+        _ => return Ok(vec![numel; state_slots(kind).len()]),
+    };
+    let factors = usize::try_from(factors).map_err(|_| {
+        crate::KeelError::shape(
+            &spec.name,
+            format!(
+                "the preconditioner factors of shape {:?} do not fit in memory",
+                spec.shape
+            ),
+        )
+    })?;
+    Ok(vec![numel, numel, factors, factors])
 }
 
 /// Bytes of the state [`initial_state`] gives `spec` at `elem_bytes` per
@@ -258,6 +291,12 @@ mod tests {
                     continue;
                 }
                 let spec = ParamSpec::new("w", shape);
+                let lens: Vec<usize> = initial_state::<f32>(&kind, &spec)
+                    .unwrap()
+                    .iter()
+                    .map(Vec::len)
+                    .collect();
+                assert_eq!(state_lens(&kind, &spec).unwrap(), lens, "{json} {shape:?}");
                 assert_eq!(
                     state_bytes(&kind, &spec, 4),
                     allocated_bytes::<f32>(&kind, &spec),
