@@ -454,6 +454,22 @@ proptest! {
     }
 }
 
+/// A fresh optimizer under `cfg` and the case's parameters, after the
+/// case's first `warm` steps.
+fn warmed_up<T: Real>(
+    cfg: &OptimizerConfig,
+    case: &Case,
+    warm: usize,
+) -> (CpuOptimizer<T>, Vec<Vec<T>>) {
+    let conv = |v: &[Vec<f32>]| -> Vec<Vec<T>> { v.iter().map(|g| to_t(g)).collect() };
+    let mut opt = CpuOptimizer::<T>::new(cfg.clone(), case.specs()).unwrap();
+    let mut params = conv(&case.params);
+    for g in &case.grads[..warm] {
+        step(&mut opt, &mut params, &conv(g)).unwrap();
+    }
+    (opt, params)
+}
+
 fn check_skip<T: Real>(
     name: &str,
     cfg: &OptimizerConfig,
@@ -475,11 +491,7 @@ fn check_skip<T: Real>(
             check_unchecked::<T>(name, &cfg, case, warm, &bad, names);
             continue;
         }
-        let mut opt = CpuOptimizer::<T>::new(cfg, case.specs()).unwrap();
-        let mut params = conv(&case.params);
-        for g in &case.grads[..warm] {
-            step(&mut opt, &mut params, &conv(g)).unwrap();
-        }
+        let (mut opt, mut params) = warmed_up::<T>(&cfg, case, warm);
         let p_before = params.clone();
         let s_before = opt.state_dict().unwrap();
         let twin = opt.clone();
@@ -550,11 +562,7 @@ fn check_unchecked<T: Real>(
     names: &[String],
 ) {
     let conv = |v: &[Vec<f32>]| -> Vec<Vec<T>> { v.iter().map(|g| to_t(g)).collect() };
-    let mut opt = CpuOptimizer::<T>::new(cfg.clone(), case.specs()).unwrap();
-    let mut params = conv(&case.params);
-    for g in &case.grads[..warm] {
-        step(&mut opt, &mut params, &conv(g)).unwrap();
-    }
+    let (mut opt, mut params) = warmed_up::<T>(cfg, case, warm);
     let mut twin = opt.clone();
     let mut twin_params = params.clone();
     let stats = step(&mut opt, &mut params, bad).unwrap();

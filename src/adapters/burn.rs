@@ -138,7 +138,7 @@ impl KeelBurn {
                     specs: vec![spec],
                     ..state
                 };
-                opt.load_owned(state)?;
+                opt.load_state_dict_owned(state)?;
                 Ok(opt)
             }
             None => self.fresh(shape),

@@ -167,22 +167,14 @@ impl<T: Real> CpuOptimizer<T> {
                         chunks,
                         n,
                         (step, rounding),
-                        &SgdPlain {
-                            k: &k,
-                            prep,
-                            sum_grad,
-                        },
+                        &SgdPlain::new(&k, prep, sum_grad),
                     )
                 } else {
                     apply_pass(
                         &mut *chunks,
                         n,
                         (step, rounding),
-                        &SgdMomentum {
-                            k: &k,
-                            prep,
-                            sum_grad,
-                        },
+                        &SgdMomentum::new(&k, prep, sum_grad),
                     )
                 }
             }
@@ -199,11 +191,7 @@ impl<T: Real> CpuOptimizer<T> {
                     chunks,
                     n,
                     (step, rounding),
-                    &AdamStep {
-                        k: &k,
-                        prep,
-                        sum_grad,
-                    },
+                    &AdamStep::new(&k, prep, sum_grad),
                 )
             }
             OptimizerKind::AdamW(c) => {
@@ -220,22 +208,10 @@ impl<T: Real> CpuOptimizer<T> {
                         chunks,
                         n,
                         (step, rounding),
-                        &AdamStep {
-                            k: &k,
-                            prep,
-                            sum_grad,
-                        },
+                        &AdamStep::new(&k, prep, sum_grad),
                     ),
                     Some(max_rms) => {
-                        let dir = moment_pass(
-                            chunks,
-                            n,
-                            &AdamMoments {
-                                k: &k,
-                                prep,
-                                sum_grad: false,
-                            },
-                        );
+                        let dir = moment_pass(chunks, n, &AdamMoments::new(&k, prep, false));
                         for i in 0..n {
                             let f =
                                 update_clip_factor(dir[i].direction_sq, specs[i].numel(), max_rms);
@@ -246,11 +222,7 @@ impl<T: Real> CpuOptimizer<T> {
                             chunks,
                             n,
                             (step, rounding),
-                            &AdamApply {
-                                k: &k,
-                                prep,
-                                sum_grad: false,
-                            },
+                            &AdamApply::new(&k, prep, false),
                         )
                     }
                 }
@@ -263,15 +235,7 @@ impl<T: Real> CpuOptimizer<T> {
                         k
                     })
                     .collect();
-                let dir = moment_pass(
-                    chunks,
-                    n,
-                    &AdamMomentsWithParams {
-                        k: &k,
-                        prep,
-                        sum_grad: false,
-                    },
-                );
+                let dir = moment_pass(chunks, n, &AdamMomentsWithParams::new(&k, prep, false));
                 for i in 0..n {
                     let r = if trust_on[i] {
                         let r = trust_ratio(
@@ -291,11 +255,7 @@ impl<T: Real> CpuOptimizer<T> {
                     chunks,
                     n,
                     (step, rounding),
-                    &AdamApply {
-                        k: &k,
-                        prep,
-                        sum_grad: false,
-                    },
+                    &AdamApply::new(&k, prep, false),
                 )
             }
             OptimizerKind::Lars(c) => {
@@ -317,16 +277,7 @@ impl<T: Real> CpuOptimizer<T> {
                         lars::LarsCoeffs::new(lr_of[i] * r, wd_of[i], c.momentum, c.nesterov)
                     })
                     .collect();
-                apply_pass(
-                    chunks,
-                    n,
-                    (step, rounding),
-                    &LarsStep {
-                        k: &k,
-                        prep,
-                        sum_grad: false,
-                    },
-                )
+                apply_pass(chunks, n, (step, rounding), &LarsStep::new(&k, prep, false))
             }
             OptimizerKind::Lion(c) => {
                 let k: Vec<lion::LionCoeffs<T>> = (0..n)
@@ -336,11 +287,7 @@ impl<T: Real> CpuOptimizer<T> {
                     chunks,
                     n,
                     (step, rounding),
-                    &LionStep {
-                        k: &k,
-                        prep,
-                        sum_grad,
-                    },
+                    &LionStep::new(&k, prep, sum_grad),
                 )
             }
             // Handled by `muon_pass`, before any chunks are made.
@@ -387,11 +334,9 @@ impl<T: Real> CpuOptimizer<T> {
         let mut finite = vec![true; n];
         for (i, g) in grads.iter().enumerate() {
             if !unchecked && !scan[i].raw_sq.is_finite() {
-                // Rare: some element is NaN/Inf, or squares overflowed T.
-                // Decide exactly, and redo the sums in f64 if all is finite.
-                finite[i] = g.iter().all(|x| x.get().is_finite());
-                if finite[i] {
-                    scan[i].sums = rescan_f64(g, params[i], &scan_prep, with_params);
+                match recheck(g, params[i], &scan_prep, with_params) {
+                    Some(sums) => scan[i].sums = sums,
+                    None => finite[i] = false,
                 }
             }
         }
@@ -542,11 +487,12 @@ impl<T: Real> CpuOptimizer<T> {
             for (i, g) in grads.iter().enumerate() {
                 let mut sq = sums[i].grad_sq;
                 if !sq.is_finite() {
-                    finite[i] = g.iter().all(|x| x.get().is_finite());
-                    sq = if finite[i] {
-                        rescan_f64(g, params[i], &scan_prep, false).grad_sq
-                    } else {
-                        f64::NAN
+                    sq = match recheck(g, params[i], &scan_prep, false) {
+                        Some(sums) => sums.grad_sq,
+                        None => {
+                            finite[i] = false;
+                            f64::NAN
+                        }
                     };
                 }
                 grad_norms[i] = sq.sqrt();
@@ -703,6 +649,20 @@ struct Scan {
     sums: Sums,
 }
 
+/// The rare path after a non-finite sum of squares (from the scan or the
+/// fused pass): `None` when some gradient element is NaN/Inf, else the sums
+/// redone in f64 (the squares overflowed `T`).
+fn recheck<T: Real, G: GradElem<T>>(
+    g: &[G],
+    p: &[T],
+    prep: &GradPrep<T>,
+    with_params: bool,
+) -> Option<Sums> {
+    g.iter()
+        .all(|x| x.get().is_finite())
+        .then(|| rescan_f64(g, p, prep, with_params))
+}
+
 /// The scan's sums of one tensor, accumulated element by element in f64:
 /// the slow path for finite gradients whose squares overflow `T`.
 fn rescan_f64<T: Real, G: GradElem<T>>(
@@ -796,6 +756,11 @@ macro_rules! chunk_kernel {
             k: &'a [$coeffs<T>],
             prep: GradPrep<T>,
             sum_grad: bool,
+        }
+        impl<'a, T> $name<'a, T> {
+            fn new(k: &'a [$coeffs<T>], prep: GradPrep<T>, sum_grad: bool) -> Self {
+                $name { k, prep, sum_grad }
+            }
         }
         impl<T: Real, G: GradElem<T>> ChunkKernel<T, G> for $name<'_, T> {
             #[inline(always)]
@@ -947,20 +912,8 @@ impl<T: Real> Optimizer for CpuOptimizer<T> {
         Ok(())
     }
 
-    /// Reads the file and moves its buffers into the optimizer, so that
-    /// loading holds one copy of the state (a state dict, then this
-    /// optimizer's buffers), not three.
-    fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
-        let sd = crate::checkpoint::load(path)?;
-        self.load_owned(sd)
-            .map_err(|e| crate::checkpoint::in_file(path, e))
-    }
-}
-
-impl<T: Real> CpuOptimizer<T> {
-    /// [`Optimizer::load_state_dict`] that moves the buffers out of `sd`
-    /// instead of copying them.
-    pub(crate) fn load_owned(&mut self, mut sd: StateDict) -> Result<()> {
+    /// Moves the buffers out of `sd` instead of copying them.
+    fn load_state_dict_owned(&mut self, mut sd: StateDict) -> Result<()> {
         let (group_of, state) = take_state::<T>(
             &mut sd,
             &self.config.kind,
@@ -971,7 +924,9 @@ impl<T: Real> CpuOptimizer<T> {
         self.install(&sd, group_of, state);
         Ok(())
     }
+}
 
+impl<T: Real> CpuOptimizer<T> {
     /// Takes a checked state: `sd`'s config, groups and step, and `state`.
     fn install(&mut self, sd: &StateDict, group_of: Vec<usize>, state: SlotState<T>) {
         self.config = sd.config.clone();
@@ -1295,106 +1250,21 @@ mod tests {
                 let off = false;
                 let bits = |level| {
                     vec![
+                        kernel_bits(&AdamStep::new(&adamw, prep, sg), near, level, n),
+                        kernel_bits(&AdamStep::new(&adamw, prep, sg), stoch, level, n),
+                        kernel_bits(&AdamStep::new(&adam_l2, prep, sg), near, level, n),
+                        kernel_bits(&AdamMoments::new(&lamb, prep, off), near, level, n),
                         kernel_bits(
-                            &AdamStep {
-                                k: &adamw,
-                                prep,
-                                sum_grad: sg,
-                            },
+                            &AdamMomentsWithParams::new(&lamb, prep, off),
                             near,
                             level,
                             n,
                         ),
-                        kernel_bits(
-                            &AdamStep {
-                                k: &adamw,
-                                prep,
-                                sum_grad: sg,
-                            },
-                            stoch,
-                            level,
-                            n,
-                        ),
-                        kernel_bits(
-                            &AdamStep {
-                                k: &adam_l2,
-                                prep,
-                                sum_grad: sg,
-                            },
-                            near,
-                            level,
-                            n,
-                        ),
-                        kernel_bits(
-                            &AdamMoments {
-                                k: &lamb,
-                                prep,
-                                sum_grad: off,
-                            },
-                            near,
-                            level,
-                            n,
-                        ),
-                        kernel_bits(
-                            &AdamMomentsWithParams {
-                                k: &lamb,
-                                prep,
-                                sum_grad: off,
-                            },
-                            near,
-                            level,
-                            n,
-                        ),
-                        kernel_bits(
-                            &AdamApply {
-                                k: &lamb,
-                                prep,
-                                sum_grad: off,
-                            },
-                            near,
-                            level,
-                            n,
-                        ),
-                        kernel_bits(
-                            &SgdPlain {
-                                k: &sgd,
-                                prep,
-                                sum_grad: sg,
-                            },
-                            near,
-                            level,
-                            n,
-                        ),
-                        kernel_bits(
-                            &SgdMomentum {
-                                k: &sgd,
-                                prep,
-                                sum_grad: sg,
-                            },
-                            near,
-                            level,
-                            n,
-                        ),
-                        kernel_bits(
-                            &LionStep {
-                                k: &lion,
-                                prep,
-                                sum_grad: sg,
-                            },
-                            near,
-                            level,
-                            n,
-                        ),
-                        kernel_bits(
-                            &LarsStep {
-                                k: &lars,
-                                prep,
-                                sum_grad: off,
-                            },
-                            near,
-                            level,
-                            n,
-                        ),
+                        kernel_bits(&AdamApply::new(&lamb, prep, off), near, level, n),
+                        kernel_bits(&SgdPlain::new(&sgd, prep, sg), near, level, n),
+                        kernel_bits(&SgdMomentum::new(&sgd, prep, sg), near, level, n),
+                        kernel_bits(&LionStep::new(&lion, prep, sg), near, level, n),
+                        kernel_bits(&LarsStep::new(&lars, prep, off), near, level, n),
                         scan_bits(&prep, level, n),
                     ]
                 };

@@ -216,13 +216,11 @@ impl Optimizer for MixedPrecisionOptimizer {
         Ok(())
     }
 
-    /// Reads the file and moves the master weights and the moments in (one
-    /// copy of the state in memory), see [`CpuOptimizer`]'s `load_state`.
-    fn load_state(&mut self, path: &std::path::Path) -> Result<()> {
-        let in_file = |e| crate::checkpoint::in_file(path, e);
-        let mut sd = crate::checkpoint::load(path)?;
-        let (master, rounding) = take_master(&mut sd, self.inner.specs()).map_err(in_file)?;
-        self.inner.load_owned(sd).map_err(in_file)?;
+    /// Moves the master weights and the moments out of `sd` (one copy of
+    /// the state in memory).
+    fn load_state_dict_owned(&mut self, mut sd: StateDict) -> Result<()> {
+        let (master, rounding) = take_master(&mut sd, self.inner.specs())?;
+        self.inner.load_state_dict_owned(sd)?;
         self.master = master;
         self.rounding = rounding;
         Ok(())

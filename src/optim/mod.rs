@@ -71,6 +71,13 @@ pub trait Optimizer {
     /// by name and shape, and the kind and dtype must match.
     fn load_state_dict(&mut self, state: &StateDict) -> Result<()>;
 
+    /// [`Optimizer::load_state_dict`] for a state the caller no longer
+    /// needs: backends that can move its buffers in instead of copying them
+    /// (the CPU ones) do, so loading holds one copy of the state.
+    fn load_state_dict_owned(&mut self, state: StateDict) -> Result<()> {
+        self.load_state_dict(&state)
+    }
+
     /// Writes the state as a safetensors file, atomically.
     fn save_state(&self, path: &Path) -> Result<()> {
         checkpoint::save(path, &self.state_dict()?)
@@ -78,9 +85,11 @@ pub trait Optimizer {
 
     /// Reads a state written by [`Optimizer::save_state`]; a state that does
     /// not fit is an error naming the file ([`checkpoint::in_file`]).
+    /// The file is read one tensor at a time
+    /// ([`Optimizer::load_state_dict_owned`] then takes the buffers).
     fn load_state(&mut self, path: &Path) -> Result<()> {
         let state = checkpoint::load(path)?;
-        self.load_state_dict(&state)
+        self.load_state_dict_owned(state)
             .map_err(|e| checkpoint::in_file(path, e))
     }
 }
