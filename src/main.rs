@@ -30,6 +30,7 @@ struct Cli {
 enum Command {
     /// Train a tiny GPT under spike-inducing settings with several optimizer
     /// and guard arms over several seeds; writes runs/<name>/report.md.
+    #[command(allow_negative_numbers = true)]
     SpikeLab {
         /// default (a few minutes), smoke (< 60 s), full (4x128, 5 seeds),
         /// scale (three model sizes).
@@ -62,6 +63,7 @@ enum Command {
     /// Train one GPT from flags or a TOML config, with checkpoints.
     Train(TrainArgs),
     /// Print text sampled from a checkpoint written by `keel train`.
+    #[command(allow_negative_numbers = true)]
     Sample {
         /// The checkpoint folder.
         checkpoint: PathBuf,
@@ -86,6 +88,7 @@ enum Command {
         paths: Vec<PathBuf>,
     },
     /// Time the step (median after warm-up) next to the memory floor.
+    #[command(allow_negative_numbers = true)]
     Bench {
         /// Optimizer kind (sgd, adam, adamw, lamb, lars, lion), lr 1e-3 and
         /// the reference defaults otherwise (sgd: momentum 0.9).
@@ -135,6 +138,7 @@ enum Command {
 /// `keel bench-gpt` options: the model and batch shape (defaults: the
 /// llm.c comparison config, B=12, T=64, C=128, L=4, H=4, V=65).
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 struct GptBenchArgs {
     /// Batch size B.
     #[arg(long, default_value_t = 12)]
@@ -170,6 +174,7 @@ struct GptBenchArgs {
 
 /// `keel train` options; flags override the TOML config's fields.
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 struct TrainArgs {
     /// A TOML file holding a full TrainConfig (see docs/spike-lab.md).
     #[arg(long)]

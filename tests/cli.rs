@@ -81,3 +81,17 @@ fn bad_counts_name_the_flag() {
         &["`--lr`: must be finite and >= 0, got NaN (as `adamw.lr`)"],
     );
 }
+
+/// A negative number is a value, not a flag: it reaches keel's own checks,
+/// which name the field, instead of clap's "unexpected argument '-1'".
+#[test]
+fn negative_values_reach_the_field_checks() {
+    assert_refused(
+        "spike-lab --lr-mult -1 --out /nonexistent/keel-cli",
+        &["`stress.lr_mult`: must be finite and > 0, got -1"],
+    );
+    assert_refused(
+        "train --lr -0.5 --steps 2 --warmup 0 --out /nonexistent/keel-cli",
+        &["`--lr`: must be finite and >= 0, got -0.5"],
+    );
+}
