@@ -36,6 +36,9 @@ fn main() -> Result<(), keel::KeelError> {
     first.save_state(&path)?;
     let mut second = CpuOptimizer::<f32>::new(config, specs)?;
     second.load_state(&path)?;
+    // The file alone holds enough to rebuild the optimizer, too.
+    let rebuilt = CpuOptimizer::<f32>::from_file(&path)?;
+    assert_eq!(rebuilt.state_dict()?, second.state_dict()?);
     for step in 5..10 {
         second.step(&mut [&mut resumed[..]], &[&grad(step, n)[..]])?;
     }

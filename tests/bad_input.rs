@@ -589,6 +589,8 @@ fn mismatched_state_dicts_are_refused() {
         // so only a dict that contradicts itself is an error there.
         let rebuilt = CpuOptimizer::<f64>::from_state_dict(&sd);
         assert_eq!(rebuilt.is_ok(), consistent, "{:?}", rebuilt.map(|_| ()));
+        let owned = CpuOptimizer::<f64>::from_state_dict_owned(sd.clone());
+        assert_eq!(owned.is_ok(), consistent, "{:?}", owned.map(|_| ()));
     }
     // A state without master weights cannot resume mixed precision.
     let s = specs();

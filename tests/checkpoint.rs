@@ -158,8 +158,8 @@ fn files_in(dir: &Path) -> Vec<String> {
 }
 
 /// 10 steps straight equal 5 steps, a checkpoint, a fresh optimizer, and 5
-/// more: parameters and state bit-identical, both through `load_state` and
-/// through `from_state_dict(checkpoint::load(..))`.
+/// more: parameters and state bit-identical, through `load_state`, through
+/// `from_state_dict(checkpoint::load(..))` and through `from_file`.
 fn resume_is_bit_identical<T: Real>(name: &str, json: &str) {
     let what = format!("{name} {}", T::DTYPE);
     let cfg = parse(json);
@@ -192,8 +192,16 @@ fn resume_is_bit_identical<T: Real>(name: &str, json: &str) {
     assert_eq!(fresh.step_count(), 5, "{what}");
     let rebuilt = CpuOptimizer::<T>::from_state_dict(&loaded).unwrap();
     assert_eq!(rebuilt.config(), first.config(), "{what}");
+    let from_file = CpuOptimizer::<T>::from_file(&path).unwrap();
+    assert_eq!(from_file.config(), first.config(), "{what}");
+    assert_eq!(from_file.groups(), &groups()[..], "{what}");
+    assert_eq!(from_file.specs(), &specs()[..], "{what}");
 
-    for (how, mut opt) in [("load_state", fresh), ("from_state_dict", rebuilt)] {
+    for (how, mut opt) in [
+        ("load_state", fresh),
+        ("from_state_dict", rebuilt),
+        ("from_file", from_file),
+    ] {
         let mut params = p_half.clone();
         train(&mut opt, &mut params, 5, 10);
         for (i, (a, b)) in params.iter().zip(&p_straight).enumerate() {
@@ -350,6 +358,7 @@ fn truncated_files_are_refused() {
             "the message names the file: {msg}"
         );
         assert!(target.load_state(&path).is_err());
+        assert!(CpuOptimizer::<f32>::from_file(&path).is_err());
         assert_eq!(
             target.state_dict().unwrap(),
             before,
@@ -388,6 +397,7 @@ fn corrupted_files_are_refused() {
             "byte {at}: {msg}"
         );
         assert!(target.load_state(&path).is_err());
+        assert!(CpuOptimizer::<f32>::from_file(&path).is_err());
         assert_eq!(target.state_dict().unwrap(), before);
     }
     // The untouched bytes still load.
@@ -442,6 +452,15 @@ fn dtype_mismatch_is_refused(name: &str, json: &str) {
         CpuOptimizer::<f32>::from_state_dict(&checkpoint::load(&path).unwrap()).is_err(),
         "{name}: from_state_dict accepted an f64 state for f32"
     );
+    match CpuOptimizer::<f32>::from_file(&path) {
+        Ok(_) => panic!("{name}: from_file accepted an f64 state for f32"),
+        Err(e) => assert!(
+            matches!(e, KeelError::Checkpoint { .. })
+                && e.to_string().contains("state.safetensors")
+                && e.to_string().contains("F64"),
+            "{name}: {e}"
+        ),
+    }
     // And the other way round.
     let mut opt32 = CpuOptimizer::<f32>::with_groups(parse(json), specs(), groups()).unwrap();
     let mut p32 = init::<f32>();

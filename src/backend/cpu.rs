@@ -18,13 +18,15 @@
 //! and per-chunk sums are added in chunk order: results do not depend on the
 //! number of threads.
 
+use std::path::Path;
+
 use faer::Par;
 use half::bf16;
 use rayon::prelude::*;
 
 use crate::backend::mixed::Rounding;
 use crate::backend::reduce::{prefetch_ahead, run_simd, LaneSums, Lanes, SimdTask, Sums, BLOCK};
-use crate::checkpoint::{StateData, StateDict, StateTensor};
+use crate::checkpoint::{self, StateData, StateDict, StateTensor};
 use crate::clip::{global_clip_factor, update_clip_factor, GradPrep};
 use crate::config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
@@ -101,15 +103,44 @@ impl<T: Real> CpuOptimizer<T> {
         })
     }
 
-    /// Rebuilds an optimizer from a state dict (e.g. a loaded checkpoint).
+    /// Rebuilds an optimizer from a state dict (e.g. a loaded checkpoint):
+    /// its config, parameter specs, groups, step count and state.
     pub fn from_state_dict(state: &StateDict) -> Result<Self> {
-        let mut opt = Self::with_groups(
-            state.config.clone(),
-            state.specs.clone(),
-            state.groups.clone(),
-        )?;
-        opt.load_state_dict(state)?;
-        Ok(opt)
+        let (kind, specs) = (&state.config.kind, &state.specs);
+        let (group_of, slots) = read_state::<T>(state, kind, T::DTYPE, "this one", specs)?;
+        Self::rebuilt(state, group_of, slots)
+    }
+
+    /// [`from_state_dict`](Self::from_state_dict) that moves the buffers out
+    /// of `state` instead of copying them.
+    pub fn from_state_dict_owned(mut state: StateDict) -> Result<Self> {
+        let (kind, specs) = (state.config.kind.clone(), state.specs.clone());
+        let (group_of, slots) = take_state::<T>(&mut state, &kind, T::DTYPE, "this one", &specs)?;
+        Self::rebuilt(&state, group_of, slots)
+    }
+
+    /// Rebuilds an optimizer from a state file written by
+    /// [`Optimizer::save_state`], reading each buffer once: unlike
+    /// [`new`](Self::new) followed by [`Optimizer::load_state`], no fresh
+    /// state is allocated first, so the peak memory is one state. Errors name
+    /// the file.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let state = checkpoint::load(path)?;
+        Self::from_state_dict_owned(state).map_err(|e| checkpoint::in_file(path, e))
+    }
+
+    /// The optimizer of a checked state (see [`read_state`]).
+    fn rebuilt(sd: &StateDict, group_of: Vec<usize>, state: SlotState<T>) -> Result<Self> {
+        check_muon_shapes(&sd.config.kind, &sd.specs)?;
+        Ok(CpuOptimizer {
+            config: sd.config.clone(),
+            specs: sd.specs.clone(),
+            groups: sd.groups.clone(),
+            group_of,
+            state,
+            step: sd.step,
+        })
     }
 
     /// The parameter groups.
