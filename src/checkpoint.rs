@@ -324,8 +324,64 @@ fn views(state: &StateDict) -> Result<Vec<(&str, LeBytesView<'_>)>> {
 /// Serializes a state dict to safetensors bytes (the same bytes [`save`]
 /// writes).
 pub fn to_bytes(state: &StateDict) -> Result<Vec<u8>> {
-    safetensors::serialize(views(state)?, Some(metadata(state)?))
-        .map_err(|e| KeelError::State(format!("cannot serialize state: {e}")))
+    let mut bytes = safetensors::serialize(views(state)?, Some(metadata(state)?))
+        .map_err(|e| KeelError::State(format!("cannot serialize state: {e}")))?;
+    let header = header_range(&bytes)
+        .ok_or_else(|| KeelError::State("safetensors wrote no header".into()))?;
+    let sorted = sorted_header(&bytes[header.clone()])
+        .map_err(|e| KeelError::State(format!("cannot reorder the header: {e}")))?;
+    bytes[header].copy_from_slice(&sorted);
+    Ok(bytes)
+}
+
+/// Where the JSON header lies in safetensors `bytes` (after its 8-byte
+/// little-endian length), if they hold one.
+fn header_range(bytes: &[u8]) -> Option<std::ops::Range<usize>> {
+    let len = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let end = usize::try_from(len).ok()?.checked_add(8)?;
+    (end <= bytes.len()).then_some(8..end)
+}
+
+/// The safetensors JSON `header` with every object's keys sorted, padded
+/// with spaces to the same length. The safetensors writer takes metadata as a
+/// `HashMap`, whose order differs from one map to the next; sorted, the same
+/// state always gives the same bytes (same content, so never longer).
+fn sorted_header(header: &[u8]) -> std::io::Result<Vec<u8>> {
+    fn sort_keys(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(map) => {
+                let sorted: BTreeMap<String, serde_json::Value> =
+                    map.into_iter().map(|(k, v)| (k, sort_keys(v))).collect();
+                serde_json::Value::Object(sorted.into_iter().collect())
+            }
+            other => other,
+        }
+    }
+    let value: serde_json::Value = serde_json::from_slice(header)?;
+    let mut out = serde_json::to_vec(&sort_keys(value))?;
+    if out.len() > header.len() {
+        return Err(std::io::Error::other("the sorted header is longer"));
+    }
+    out.resize(header.len(), b' ');
+    Ok(out)
+}
+
+/// Sorts the header of the safetensors file `path` in place (see
+/// [`sorted_header`]).
+fn sort_header_in_file(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = fs::OpenOptions::new().read(true).write(true).open(path)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)?;
+    let len = usize::try_from(u64::from_le_bytes(len)).map_err(std::io::Error::other)?;
+    if len > file.metadata()?.len().saturating_sub(8) as usize {
+        return Err(std::io::Error::other("safetensors wrote a truncated file"));
+    }
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header)?;
+    let sorted = sorted_header(&header)?;
+    file.seek(SeekFrom::Start(8))?;
+    file.write_all(&sorted)
 }
 
 /// Parses safetensors bytes written by [`to_bytes`]; `path` is for messages.
@@ -583,6 +639,7 @@ where
     write_atomic_with(path, |tmp| {
         let permissions = fs::File::create(tmp)?.metadata()?.permissions();
         safetensors::serialize_to_file(views, Some(meta), tmp).map_err(std::io::Error::other)?;
+        sort_header_in_file(tmp)?;
         fs::set_permissions(tmp, permissions)
     })
 }
