@@ -302,6 +302,21 @@ pub(crate) fn step_bytes(opts: &BenchOptions, scans: bool) -> (usize, usize) {
 }
 
 /// Checks the sizes of a benchmark.
+/// The most timed steps a benchmark takes: each one's time is kept for the
+/// median, and a million steps is far past any useful median.
+pub const MAX_TIMED_STEPS: usize = 1_000_000;
+
+/// Checks a benchmark's timed step count (`field` names it in the error).
+pub(crate) fn check_steps(field: &str, steps: usize) -> Result<()> {
+    if !(1..=MAX_TIMED_STEPS).contains(&steps) {
+        return Err(KeelError::config(
+            field,
+            format!("must be in 1..={MAX_TIMED_STEPS}, got {steps}"),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_options(opts: &BenchOptions) -> Result<()> {
     if opts.params == 0 || opts.tensors == 0 || opts.tensors > opts.params {
         return Err(KeelError::config(
@@ -312,9 +327,7 @@ pub(crate) fn check_options(opts: &BenchOptions) -> Result<()> {
             ),
         ));
     }
-    if opts.steps == 0 {
-        return Err(KeelError::config("bench.steps", "must be at least 1"));
-    }
+    check_steps("bench.steps", opts.steps)?;
     // The per-tensor lists (sizes, names and shapes) come before the buffers.
     let per_tensor = std::mem::size_of::<ParamSpec>() as u128 + 64;
     crate::memory::ensure_fits(
@@ -574,9 +587,7 @@ pub fn run_model_on(
     warmup: usize,
     device: BenchDevice,
 ) -> Result<ModelBenchReport> {
-    if steps == 0 {
-        return Err(KeelError::config("bench.steps", "must be at least 1"));
-    }
+    check_steps("bench.steps", steps)?;
     config.validate()?;
     let specs = model.specs();
     let (frequency, start) = match &config.kind {

@@ -212,6 +212,22 @@ fn checksum_of_metadata(meta: &HashMap<String, String>) -> crc32fast::Hasher {
     h
 }
 
+/// The CRC-32 of a metadata map, every entry but `crc32` (sorted by key), as
+/// 8 hex digits: how the GPT model file checks its metadata, which in turn
+/// holds each tensor's [`tensor_checksum`].
+pub(crate) fn metadata_checksum(meta: &HashMap<String, String>) -> String {
+    format!("{:08x}", checksum_of_metadata(meta).finalize())
+}
+
+/// The CRC-32 of one tensor (its name, then its little-endian bytes), as 8
+/// hex digits; the same value [`TensorReader::read`] computes into a fresh
+/// hasher.
+pub(crate) fn tensor_checksum(name: &str, values: Values<'_>) -> String {
+    let mut h = crc32fast::Hasher::new();
+    add_tensor(&mut h, name, &values.le_bytes());
+    format!("{:08x}", h.finalize())
+}
+
 /// Adds one tensor to a checksum begun by [`checksum_of_metadata`].
 fn add_tensor(h: &mut crc32fast::Hasher, name: &str, bytes: &[u8]) {
     h.update(name.as_bytes());

@@ -148,11 +148,28 @@ pub fn load_case(path: &Path) -> Result<Case> {
             )));
         }
     }
+    // A case must check something, and every value it lists: an empty or
+    // short expectation would otherwise pass unchecked.
+    if case.steps.is_empty() {
+        return Err(err("has no steps".into()));
+    }
     for (k, s) in case.steps.iter().enumerate() {
         if s.grads.len() != n || s.params_after.len() != n {
             return Err(err(format!(
                 "step {k}: expected {n} grads and params_after"
             )));
+        }
+        for (i, p) in case.params.iter().enumerate() {
+            let numel = p.init.len();
+            for (what, v) in [("grads", &s.grads[i]), ("params_after", &s.params_after[i])] {
+                if v.len() != numel {
+                    return Err(err(format!(
+                        "step {k}: {what} of `{}` has {} values, the param {numel}",
+                        p.name,
+                        v.len()
+                    )));
+                }
+            }
         }
     }
     Ok(case)
@@ -186,8 +203,12 @@ pub fn case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// `||a - b|| / ||b||` (or `||a - b||` when `b` is zero).
+/// `||a - b|| / ||b||` (or `||a - b||` when `b` is zero); infinite when the
+/// lengths differ, so a short or missing expectation never passes.
 pub fn relative_error(ours: &[f64], expected: &[f64]) -> f64 {
+    if ours.len() != expected.len() {
+        return f64::INFINITY;
+    }
     let diff: f64 = ours
         .iter()
         .zip(expected)

@@ -15,6 +15,33 @@ use keel::gpt::train::{self, ModelCheckpoint, Stress, TrainConfig, Trainer};
 use keel::gpt::GptConfig;
 use keel::{KeelError, OptimizerConfig};
 
+/// `println!` that ends the process instead of panicking when standard output
+/// fails: with status 141 (as a shell reports SIGPIPE) when the reader went
+/// away (`keel sample ... | head`), with an error line and status 2 otherwise
+/// (a full disk). Everything a command writes to files is written before its
+/// summary is printed.
+macro_rules! println {
+    ($($arg:tt)*) => {
+        print_line(format_args!($($arg)*))
+    };
+}
+
+fn print_line(line: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out
+        .write_fmt(line)
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush())
+    {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(2);
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "keel",
@@ -76,9 +103,11 @@ enum Command {
         /// Sampling seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Text to continue (characters must be in the vocabulary).
-        #[arg(long, default_value = "\n")]
-        prompt: String,
+        /// Text to continue (characters must be in the vocabulary; `\n` is
+        /// a newline). Default: a newline, or the vocabulary's first
+        /// character if it has no newline.
+        #[arg(long)]
+        prompt: Option<String>,
     },
     /// Replay reference cases (files, or directories of *.json) on every
     /// backend and precision; exits non-zero if any case fails.
@@ -358,7 +387,11 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             let mut model = keel::gpt::Gpt::<f32>::new(ckpt.config.model.clone())?;
             let params = ckpt.tensors(&model.param_specs(), "")?;
             let vocab: Vec<char> = ckpt.vocab.chars().collect();
-            let prompt = prompt.replace("\\n", "\n");
+            let prompt = match prompt {
+                Some(p) => p.replace("\\n", "\n"),
+                None if vocab.contains(&'\n') => "\n".to_string(),
+                None => vocab.first().map(|c| c.to_string()).unwrap_or_default(),
+            };
             let ids: Vec<u32> = prompt
                 .chars()
                 .map(|c| {

@@ -64,11 +64,25 @@ fn runs_larger_than_memory_are_refused_up_front() {
 fn bad_counts_name_the_flag() {
     assert_refused(
         "bench-gpt --steps 0",
-        &["`bench-gpt.steps`: must be at least 1"],
+        &["`bench-gpt.steps`: must be in 1..=1000000, got 0"],
     );
     assert_refused(
         "bench --optimizer adamw --params 10 --steps 0",
-        &["`bench.steps`: must be at least 1"],
+        &["`bench.steps`: must be in 1..=1000000, got 0"],
+    );
+    // Each timed step's time is kept: a count past any useful median is
+    // refused before anything is allocated.
+    assert_refused(
+        "bench --optimizer adamw --params 10 --steps 18446744073709551615",
+        &["`bench.steps`: must be in 1..=1000000, got 18446744073709551615"],
+    );
+    assert_refused(
+        "bench --model gpt-small --optimizer soap --steps 4000000000",
+        &["`bench.steps`: must be in 1..=1000000"],
+    );
+    assert_refused(
+        "bench-gpt --steps 4000000000",
+        &["`bench-gpt.steps`: must be in 1..=1000000, got 4000000000"],
     );
     for threads in ["0", "100000"] {
         assert_refused(
@@ -76,6 +90,14 @@ fn bad_counts_name_the_flag() {
             &["`--threads`", "is not in 1..=1024"],
         );
     }
+    assert_refused(
+        "spike-lab --seeds 18446744073709551615 --out /nonexistent/keel-cli",
+        &["`--seeds`: must be in 1..=1000, got 18446744073709551615"],
+    );
+    assert_refused(
+        "spike-lab --arms adamw,lamb,adamw --out /nonexistent/keel-cli",
+        &["`--arms`: names `adamw` twice"],
+    );
     assert_refused(
         "train --lr NaN --steps 2 --warmup 0 --out /nonexistent/keel-cli",
         &["`--lr`: must be finite and >= 0, got NaN (as `adamw.lr`)"],
@@ -93,5 +115,23 @@ fn negative_values_reach_the_field_checks() {
     assert_refused(
         "train --lr -0.5 --steps 2 --warmup 0 --out /nonexistent/keel-cli",
         &["`--lr`: must be finite and >= 0, got -0.5"],
+    );
+}
+
+/// A failing standard output is an error line and status 2, not a panic
+/// (status 101).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_full_standard_output_is_an_error_not_a_panic() {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["conformance", "tests/data/conformance"])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .expect("the keel binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("error: cannot write to standard output"),
+        "{stderr}"
     );
 }

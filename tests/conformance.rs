@@ -73,3 +73,51 @@ fn missing_path_is_an_error() {
     let err = conformance::run_paths(&[PathBuf::from("/no/such/case.json")]).unwrap_err();
     assert!(err.to_string().contains("no such file"));
 }
+
+/// A case that lists too few (or too many) values, or no steps, is a failed
+/// row naming what is wrong, never a PASS that checked nothing.
+#[test]
+fn cases_that_check_too_little_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(case_dir().join("adamw_torch_public.json")).unwrap();
+    let case: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut variants = Vec::new();
+    let mut empty = case.clone();
+    for step in empty["steps"].as_array_mut().unwrap() {
+        for p in step["params_after"].as_array_mut().unwrap() {
+            *p = serde_json::json!([]);
+        }
+    }
+    variants.push(("empty", empty, "params_after of"));
+    let mut longer = case.clone();
+    longer["steps"][0]["params_after"][0]
+        .as_array_mut()
+        .unwrap()
+        .push(0.5.into());
+    variants.push(("longer", longer, "params_after of"));
+    let mut short_grad = case.clone();
+    short_grad["steps"][1]["grads"][1]
+        .as_array_mut()
+        .unwrap()
+        .pop();
+    variants.push(("short_grad", short_grad, "step 1: grads of"));
+    let mut no_steps = case.clone();
+    no_steps["steps"] = serde_json::json!([]);
+    variants.push(("no_steps", no_steps, "has no steps"));
+    for (name, value, _) in &variants {
+        std::fs::write(dir.path().join(format!("{name}.json")), value.to_string()).unwrap();
+    }
+    let results = conformance::run_paths(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(results.len(), 2 * variants.len());
+    for (name, _, needle) in &variants {
+        let rows: Vec<_> = results.iter().filter(|r| r.id == *name).collect();
+        assert_eq!(rows.len(), 2, "{name}");
+        for r in rows {
+            assert!(!r.passed, "{name} on {} passed", r.backend);
+            assert!(r.reason.contains(needle), "{name}: {}", r.reason);
+        }
+    }
+    // The metric itself refuses to compare vectors of different lengths.
+    assert_eq!(conformance::relative_error(&[1.0], &[]), f64::INFINITY);
+    assert_eq!(conformance::relative_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
+}

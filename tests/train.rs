@@ -119,6 +119,103 @@ fn broken_checkpoints_are_errors_naming_the_file() {
     assert_eq!(Trainer::load(dir.path(), &data).unwrap().step(), 1);
 }
 
+/// The header of safetensors `bytes`, as JSON, and the data after it.
+fn split_safetensors(bytes: &[u8]) -> (serde_json::Value, Vec<u8>) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    (header, bytes[8 + n..].to_vec())
+}
+
+/// Safetensors bytes of `header` and `data`.
+fn join_safetensors(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
+    let mut h = serde_json::to_vec(header).unwrap();
+    h.resize(h.len().div_ceil(8) * 8, b' ');
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    out
+}
+
+/// The model file checks itself: a flipped tensor byte, an edited metadata
+/// value, and an optimizer file of another checkpoint are each refused,
+/// naming the file; a file without checksums (an older keel) still loads,
+/// but not with a vocabulary that does not fit its model.
+#[test]
+fn model_files_carry_checksums_and_their_optimizer_steps() {
+    let data = Dataset::tiny_shakespeare(16).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.safetensors");
+    let mut t = Trainer::new(resume_config(4), &data).unwrap();
+    t.train_step(&data).unwrap();
+    t.save(dir.path(), &data).unwrap();
+    let step1_optimizer = std::fs::read(dir.path().join("optimizer0.safetensors")).unwrap();
+    t.train_step(&data).unwrap();
+    t.save(dir.path(), &data).unwrap();
+    let good = std::fs::read(&model).unwrap();
+    let load_err = || match Trainer::load(dir.path(), &data) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+
+    // Every tensor is checked: flip one bit at the start, middle and end
+    // of the data.
+    let (header, body) = split_safetensors(&good);
+    let data_start = good.len() - body.len();
+    for at in [data_start, (data_start + good.len()) / 2, good.len() - 1] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x08;
+        std::fs::write(&model, &bad).unwrap();
+        let msg = load_err();
+        assert!(
+            msg.contains("model.safetensors") && msg.contains("checksum mismatch in `"),
+            "byte {at}: {msg}"
+        );
+    }
+
+    // The metadata is checked: a changed step count.
+    let mut edited = header.clone();
+    edited["__metadata__"]["step"] = "7".into();
+    std::fs::write(&model, join_safetensors(&edited, &body)).unwrap();
+    let msg = load_err();
+    assert!(msg.contains("metadata checksum mismatch"), "{msg}");
+
+    // The optimizer file of the step-1 checkpoint next to the step-2 model.
+    std::fs::write(&model, &good).unwrap();
+    std::fs::write(dir.path().join("optimizer0.safetensors"), &step1_optimizer).unwrap();
+    let msg = load_err();
+    assert!(
+        msg.contains("optimizer0.safetensors")
+            && msg.contains("is at step 1")
+            && msg.contains("step 2")
+            && msg.contains("different checkpoints"),
+        "{msg}"
+    );
+    t.save(dir.path(), &data).unwrap();
+    assert_eq!(Trainer::load(dir.path(), &data).unwrap().step(), 2);
+
+    // A file without checksums loads (as files of older builds do) ...
+    let mut old = header.clone();
+    let meta = old["__metadata__"].as_object_mut().unwrap();
+    for key in ["crc32", "tensor_crc32", "optimizer_steps"] {
+        assert!(meta.remove(key).is_some(), "{key}");
+    }
+    std::fs::write(&model, join_safetensors(&old, &body)).unwrap();
+    let resumed = Trainer::load(dir.path(), &data).unwrap();
+    assert_eq!(resumed.step(), 2);
+    assert_eq!(resumed.params(), t.params());
+    // ... but a vocabulary shorter than its model's is refused, not indexed.
+    old["__metadata__"]["vocab"] = "abc".into();
+    std::fs::write(&model, join_safetensors(&old, &body)).unwrap();
+    let msg = match keel::gpt::train::ModelCheckpoint::read(dir.path()) {
+        Ok(_) => panic!("a 3-character vocabulary for 65 tokens was read"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        msg.contains("vocabulary has 3 characters, its model 65 tokens"),
+        "{msg}"
+    );
+}
+
 #[test]
 fn spike_lab_smoke_writes_report_plots_and_metrics() {
     let dir = tempfile::tempdir().unwrap();

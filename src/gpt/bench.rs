@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::config::GptConfig;
 use super::model::Gpt;
 use super::rng::SplitMix64;
-use crate::error::{KeelError, Result};
+use crate::error::Result;
 
 /// What to time.
 #[derive(Debug, Clone)]
@@ -51,9 +51,7 @@ pub struct GptBenchReport {
 /// Fails with [`crate::KeelError::Memory`] when the model's parameters,
 /// gradients and activations exceed the memory the machine has available.
 pub fn run(opts: &GptBenchOptions) -> Result<GptBenchReport> {
-    if opts.steps == 0 {
-        return Err(KeelError::config("bench-gpt.steps", "must be at least 1"));
-    }
+    crate::bench::check_steps("bench-gpt.steps", opts.steps)?;
     let mut model = Gpt::<f32>::new(opts.config.clone())?;
     let param_bytes = 2 * model.num_params() as u128 * std::mem::size_of::<f32>() as u128;
     crate::memory::ensure_fits(

@@ -356,12 +356,19 @@ pub struct LabReport {
     pub rows: Vec<ArmRow>,
 }
 
+/// The most seeds per arm the lab takes (every run is listed before the
+/// first one starts).
+pub const MAX_SEEDS: usize = 1000;
+
 /// Runs the lab and writes its report; see the module docs.
 pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     let mut lab = LabConfig::preset(options.preset);
     if let Some(n) = options.seeds {
-        if n == 0 {
-            return Err(KeelError::config("--seeds", "must be at least 1"));
+        if !(1..=MAX_SEEDS).contains(&n) {
+            return Err(KeelError::config(
+                "--seeds",
+                format!("must be in 1..={MAX_SEEDS}, got {n}"),
+            ));
         }
         lab.seeds = n;
     }
@@ -378,6 +385,15 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     if let Some(arms) = &options.arms {
         if arms.is_empty() {
             return Err(KeelError::config("--arms", "names no arm"));
+        }
+        // Two runs of one arm and seed would write one metrics file at once.
+        for (i, arm) in arms.iter().enumerate() {
+            if arms[..i].contains(arm) {
+                return Err(KeelError::config(
+                    "--arms",
+                    format!("names `{}` twice", arm.name()),
+                ));
+            }
         }
         lab.arms = arms.clone();
     }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::CpuOptimizer;
-use crate::checkpoint::{LeBytesView, StateData, TensorReader};
+use crate::checkpoint::{metadata_checksum, tensor_checksum, LeBytesView, StateData, TensorReader};
 use crate::config::{AdamWConfig, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
@@ -1000,7 +1000,9 @@ impl Trainer {
     /// Writes a checkpoint into the folder `dir`: `model.safetensors`
     /// (parameters, EMA, step, config and vocabulary) and one
     /// `optimizer{k}.safetensors` per optimizer, each written atomically;
-    /// the model file goes last, so it only names a complete checkpoint.
+    /// the model file goes last, so it only names a complete checkpoint. The
+    /// model file holds a CRC-32 of every tensor and of its metadata, and the
+    /// step count of every optimizer file it goes with.
     pub fn save(&self, dir: &Path, data: &Dataset) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| checkpoint_err(dir, e.to_string()))?;
         for (k, part) in self.parts.iter().enumerate() {
@@ -1016,6 +1018,12 @@ impl Trainer {
             serde_json::to_string(&self.config).map_err(|e| checkpoint_err(dir, e.to_string()))?,
         );
         meta.insert("vocab".to_string(), data.vocab().chars().iter().collect());
+        let optimizer_steps: Vec<u64> = self.parts.iter().map(|p| p.opt.step_count()).collect();
+        meta.insert(
+            "optimizer_steps".to_string(),
+            serde_json::to_string(&optimizer_steps)
+                .map_err(|e| checkpoint_err(dir, e.to_string()))?,
+        );
         let specs = self.model.param_specs();
         // Written tensor by tensor: no copy of the model is held in memory.
         let mut views: Vec<(String, LeBytesView)> = Vec::new();
@@ -1034,6 +1042,15 @@ impl Trainer {
                 LeBytesView::f32(p, &s.shape),
             ));
         }
+        let tensor_crcs: BTreeMap<&str, String> = views
+            .iter()
+            .map(|(name, view)| (name.as_str(), tensor_checksum(name, view.values)))
+            .collect();
+        meta.insert(
+            "tensor_crc32".to_string(),
+            serde_json::to_string(&tensor_crcs).map_err(|e| checkpoint_err(dir, e.to_string()))?,
+        );
+        meta.insert("crc32".to_string(), metadata_checksum(&meta));
         crate::checkpoint::serialize_atomic(&dir.join("model.safetensors"), views, meta)
     }
 
@@ -1055,8 +1072,23 @@ impl Trainer {
         }
         trainer.prev_grads = ckpt.tensors(&trainer.model.param_specs(), "prev_grad.")?;
         for (k, part) in trainer.parts.iter_mut().enumerate() {
-            part.opt
-                .load_state(&dir.join(format!("optimizer{k}.safetensors")))?;
+            let path = dir.join(format!("optimizer{k}.safetensors"));
+            part.opt.load_state(&path)?;
+            // A crash between writing the optimizer files and the model file
+            // leaves files of two checkpoints side by side.
+            if let Some(want) = ckpt.optimizer_steps.as_ref().and_then(|s| s.get(k)) {
+                let got = part.opt.step_count();
+                if got != *want {
+                    return Err(checkpoint_err(
+                        &path,
+                        format!(
+                            "is at step {got}, but {} goes with an optimizer at step {want}: \
+                             the files come from different checkpoints",
+                            ckpt.path.display()
+                        ),
+                    ));
+                }
+            }
         }
         trainer.step = ckpt.step;
         trainer.skipped = ckpt.skipped;
@@ -1083,6 +1115,10 @@ pub struct ModelCheckpoint {
     pub step: u64,
     skipped: u64,
     path: PathBuf,
+    /// Each tensor's CRC-32 (files written before checksums: none).
+    tensor_crcs: Option<BTreeMap<String, String>>,
+    /// The step counts of the optimizer files that go with this one.
+    optimizer_steps: Option<Vec<u64>>,
     /// The file, open: the tensors come from the file the metadata came
     /// from, even if a run saves a new checkpoint over it meanwhile.
     reader: TensorReader<fs::File>,
@@ -1109,14 +1145,54 @@ impl ModelCheckpoint {
                 .parse()
                 .map_err(|_| checkpoint_err(&path, format!("bad `{k}`")))
         };
+        // Files written before checksums have none; a file that has one must
+        // match it, and then every tensor must match its own.
+        let (tensor_crcs, optimizer_steps) = match meta.get("crc32") {
+            None => (None, None),
+            Some(want) => {
+                let got = metadata_checksum(&meta);
+                if *want != got {
+                    return Err(checkpoint_err(
+                        &path,
+                        format!(
+                            "metadata checksum mismatch (stored {want}, computed {got}): \
+                             the file is corrupted"
+                        ),
+                    ));
+                }
+                let json = |k: &str| -> Result<serde_json::Value> {
+                    serde_json::from_str(&get(k)?)
+                        .map_err(|e| checkpoint_err(&path, format!("bad `{k}`: {e}")))
+                };
+                let crcs = serde_json::from_value(json("tensor_crc32")?)
+                    .map_err(|e| checkpoint_err(&path, format!("bad `tensor_crc32`: {e}")))?;
+                let steps = serde_json::from_value(json("optimizer_steps")?)
+                    .map_err(|e| checkpoint_err(&path, format!("bad `optimizer_steps`: {e}")))?;
+                (Some(crcs), Some(steps))
+            }
+        };
         let config: TrainConfig = serde_json::from_str(&get("config")?)
             .map_err(|e| checkpoint_err(&path, format!("config: {e}")))?;
+        let vocab = get("vocab")?;
+        // Token ids index the vocabulary when decoding.
+        if vocab.chars().count() != config.model.vocab_size {
+            return Err(checkpoint_err(
+                &path,
+                format!(
+                    "its vocabulary has {} characters, its model {} tokens",
+                    vocab.chars().count(),
+                    config.model.vocab_size
+                ),
+            ));
+        }
         Ok(ModelCheckpoint {
             step: parse("step")?,
             skipped: parse("skipped")?,
-            vocab: get("vocab")?,
+            vocab,
             config,
             path,
+            tensor_crcs,
+            optimizer_steps,
             reader,
         })
     }
@@ -1125,8 +1201,6 @@ impl ModelCheckpoint {
     /// from the file one at a time.
     pub fn tensors(&mut self, specs: &[ParamSpec], prefix: &str) -> Result<Vec<Vec<f32>>> {
         let reader = &mut self.reader;
-        // The model file has no checksum of its own; this one is discarded.
-        let mut crc = crc32fast::Hasher::new();
         specs
             .iter()
             .map(|s| {
@@ -1134,7 +1208,22 @@ impl ModelCheckpoint {
                 match reader.info(&name) {
                     None => Err(checkpoint_err(&self.path, format!("no tensor `{name}`"))),
                     Some((safetensors::Dtype::F32, shape)) if shape == s.shape.as_slice() => {
-                        match reader.read(&name, &mut crc)? {
+                        let mut crc = crc32fast::Hasher::new();
+                        let data = reader.read(&name, &mut crc)?;
+                        if let Some(crcs) = &self.tensor_crcs {
+                            let got = format!("{:08x}", crc.finalize());
+                            if crcs.get(&name) != Some(&got) {
+                                return Err(checkpoint_err(
+                                    &self.path,
+                                    format!(
+                                        "checksum mismatch in `{name}` (stored {}, computed \
+                                         {got}): the file is corrupted",
+                                        crcs.get(&name).map_or("none", |c| c.as_str())
+                                    ),
+                                ));
+                            }
+                        }
+                        match data {
                             StateData::F32(v) => Ok(v),
                             StateData::F64(_) => {
                                 Err(checkpoint_err(&self.path, format!("`{name}` read as f64")))
