@@ -215,7 +215,9 @@ struct TrainArgs {
     #[arg(long)]
     lr: Option<f64>,
     /// Optimizer kind for every tensor (adamw, lamb, shampoo, ...) at the
-    /// same lr; `muon` means Muon on hidden matrices and AdamW on the rest.
+    /// same lr, clipping and non-finite policy, its other hyperparameters
+    /// at their defaults; `muon` means Muon on hidden matrices and AdamW on
+    /// the rest.
     #[arg(long)]
     optimizer: Option<String>,
     /// Sequences per micro-batch.
@@ -233,10 +235,11 @@ struct TrainArgs {
     /// Context length.
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Warmup steps.
+    /// Warmup steps (default 20; at most --steps).
     #[arg(long)]
     warmup: Option<u64>,
-    /// Global-norm gradient clipping.
+    /// Global-norm gradient clipping (with Muon, each optimizer clips the
+    /// norm of its own tensors).
     #[arg(long)]
     clip: Option<f64>,
     /// Seed of init and batches.
@@ -260,7 +263,9 @@ struct TrainArgs {
     /// Save a checkpoint every this many steps (and at the end).
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u64,
-    /// Continue from <out>/checkpoint (flags other than --steps are ignored).
+    /// Continue from <out>/checkpoint with its config; only --steps (more
+    /// than the checkpoint's step) and --data apply. metrics.jsonl is cut
+    /// back to the checkpoint's step, then appended to.
     #[arg(long)]
     resume: bool,
     /// A TOML file of spike-inducing settings applied on top of the config
@@ -516,6 +521,115 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
 
 fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
     let ckpt_dir = a.out.join("checkpoint");
+    let dataset = |block_size: usize| match &a.data {
+        Some(path) => Dataset::from_file(path, block_size),
+        None => Dataset::tiny_shakespeare(block_size),
+    };
+    let metrics = a.out.join("metrics.jsonl");
+    let out_err = |path: &std::path::Path, e: std::io::Error| {
+        KeelError::config("--out", format!("{}: {e}", path.display()))
+    };
+    let (mut trainer, data) = if a.resume {
+        // The checkpoint's config decides everything but the step count.
+        let block_size = ModelCheckpoint::read(&ckpt_dir)?.config.model.block_size;
+        let data = dataset(block_size)?;
+        let mut t = Trainer::load(&ckpt_dir, &data)?;
+        if let Some(s) = a.steps {
+            if s <= t.step() {
+                return Err(KeelError::config(
+                    "--steps",
+                    format!(
+                        "the checkpoint is at step {}; give more steps to continue, got {s}",
+                        t.step()
+                    ),
+                ));
+            }
+            t.set_steps(s)?;
+        }
+        cut_metrics(&metrics, t.step()).map_err(|e| out_err(&metrics, e))?;
+        (t, data)
+    } else {
+        let config = train_config(&a)?;
+        let data = dataset(config.model.block_size)?;
+        (Trainer::new(config, &data)?, data)
+    };
+    // Where the checkpoint goes is known to work before the first step.
+    if ckpt_dir.exists() && !ckpt_dir.is_dir() {
+        return Err(KeelError::config(
+            "--out",
+            format!(
+                "{} is a file; the checkpoint folder goes there",
+                ckpt_dir.display()
+            ),
+        ));
+    }
+    std::fs::create_dir_all(&ckpt_dir).map_err(|e| out_err(&ckpt_dir, e))?;
+    let total = trainer.config().steps;
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_position(trainer.step());
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(a.resume)
+        .write(true)
+        .truncate(!a.resume)
+        .open(&metrics)
+        .map_err(|e| out_err(&metrics, e))?;
+    while trainer.step() < total {
+        let rec = trainer.train_step(&data)?;
+        use std::io::Write;
+        let line = serde_json::to_string(&rec).map_err(|e| KeelError::State(e.to_string()))?;
+        writeln!(log, "{line}").map_err(|e| out_err(&metrics, e))?;
+        bar.inc(1);
+        bar.set_message(format!("loss {:.3}", rec.loss));
+        if let Some(v) = rec.val_loss {
+            bar.println(format!("step {} val loss {v:.4}", rec.step + 1));
+        }
+        if a.checkpoint_every > 0 && trainer.step() % a.checkpoint_every == 0 {
+            trainer.save(&ckpt_dir, &data)?;
+        }
+    }
+    bar.finish_and_clear();
+    trainer.save(&ckpt_dir, &data)?;
+    let val = trainer.evaluate(&data)?;
+    println!(
+        "{} steps, final val loss {val:.4}; checkpoint {}",
+        trainer.step(),
+        ckpt_dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Keeps the records of `metrics` (JSON lines) of the steps before `step`,
+/// the checkpoint a run resumes from, so the resumed run's records follow
+/// without repeats (a run killed after its last checkpoint wrote records
+/// of steps it will now redo). A missing file stays missing.
+fn cut_metrics(metrics: &std::path::Path, step: u64) -> std::io::Result<()> {
+    let text = match std::fs::read_to_string(metrics) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let before = |line: &str| {
+        serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step")?.as_u64())
+            .is_some_and(|s| s < step)
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| before(l))
+        .flat_map(|l| [l, "\n"])
+        .collect();
+    if kept.len() != text.len() {
+        keel::checkpoint::write_atomic(metrics, kept.as_bytes())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// The config of a new `keel train` run: the TOML file (or the default),
+/// then the flags.
+fn train_config(a: &TrainArgs) -> Result<TrainConfig, KeelError> {
     let mut config = match &a.config {
         Some(path) => TrainConfig::from_toml_file(path)?,
         None => TrainConfig::new(GptConfig::new(65, 64, 2, 4, 64), 1000),
@@ -537,9 +651,15 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
                 r#"{{"kind": "muon", "lr": {lr}, "adjust_lr": "match_rms_adamw"}}"#
             ))?);
         } else {
-            config.optimizer =
-                OptimizerConfig::from_json(&format!(r#"{{"kind": "{kind}", "lr": {lr}}}"#))
-                    .map_err(|e| flag_error("--optimizer", e))?;
+            let json = serde_json::json!({ "kind": kind, "lr": lr }).to_string();
+            let old = std::mem::replace(
+                &mut config.optimizer,
+                OptimizerConfig::from_json(&json).map_err(|e| flag_error("--optimizer", e))?,
+            );
+            // Settings every kind has carry over from the config file.
+            config.optimizer.clip_global_norm = old.clip_global_norm;
+            config.optimizer.clip_value = old.clip_value;
+            config.optimizer.on_nonfinite = old.on_nonfinite;
         }
     }
     if let Some(lr) = a.lr {
@@ -559,6 +679,9 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
     config.eval_every = a.eval_every.unwrap_or(config.eval_every);
     if a.clip.is_some() {
         config.optimizer.clip_global_norm = a.clip;
+        if let Some(m) = config.matrix_optimizer.as_mut() {
+            m.clip_global_norm = a.clip;
+        }
     }
     if a.ema.is_some() {
         config.ema_decay = a.ema;
@@ -566,56 +689,22 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
     if let Some(path) = &a.stress {
         Stress::from_toml_file(path)?.apply(&mut config)?;
     }
-    let data = match &a.data {
-        Some(path) => Dataset::from_file(path, config.model.block_size)?,
-        None => Dataset::tiny_shakespeare(config.model.block_size)?,
-    };
-    std::fs::create_dir_all(&a.out)
-        .map_err(|e| KeelError::config("--out", format!("{}: {e}", a.out.display())))?;
-    let mut trainer = if a.resume {
-        let mut t = Trainer::load(&ckpt_dir, &data)?;
-        if let Some(s) = a.steps {
-            t.set_steps(s)?;
-        }
-        t
-    } else {
-        Trainer::new(config, &data)?
-    };
-    let total = trainer.config().steps;
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_position(trainer.step());
-    let metrics = a.out.join("metrics.jsonl");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(a.resume)
-        .write(true)
-        .truncate(!a.resume)
-        .open(&metrics)
-        .map_err(|e| KeelError::config("--out", format!("{}: {e}", metrics.display())))?;
-    while trainer.step() < total {
-        let rec = trainer.train_step(&data)?;
-        use std::io::Write;
-        let line = serde_json::to_string(&rec).map_err(|e| KeelError::State(e.to_string()))?;
-        writeln!(log, "{line}")
-            .map_err(|e| KeelError::config("--out", format!("{}: {e}", metrics.display())))?;
-        bar.inc(1);
-        bar.set_message(format!("loss {:.3}", rec.loss));
-        if let Some(v) = rec.val_loss {
-            bar.println(format!("step {} val loss {v:.4}", rec.step + 1));
-        }
-        if a.checkpoint_every > 0 && trainer.step() % a.checkpoint_every == 0 {
-            trainer.save(&ckpt_dir, &data)?;
-        }
+    if a.warmup.is_none() && config.warmup_steps > config.steps {
+        return Err(KeelError::config(
+            "--warmup",
+            format!(
+                "the warmup ({} steps{}) is longer than the run ({} steps); pass --warmup",
+                config.warmup_steps,
+                if a.config.is_some() {
+                    ", from the config file"
+                } else {
+                    " by default"
+                },
+                config.steps
+            ),
+        ));
     }
-    bar.finish_and_clear();
-    trainer.save(&ckpt_dir, &data)?;
-    let val = trainer.evaluate(&data)?;
-    println!(
-        "{} steps, final val loss {val:.4}; checkpoint {}",
-        trainer.step(),
-        ckpt_dir.display()
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(config)
 }
 
 fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {

@@ -135,3 +135,97 @@ fn a_full_standard_output_is_an_error_not_a_panic() {
         "{stderr}"
     );
 }
+
+/// Runs `keel` with `args`; panics with its stderr unless it succeeds.
+fn keel_ok(args: &[&str]) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .output()
+        .expect("the keel binary runs");
+    assert!(
+        out.status.success(),
+        "keel {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The steps recorded in a metrics.jsonl.
+fn recorded_steps(metrics: &std::path::Path) -> Vec<u64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// `--resume` takes the checkpoint's config (here a context of 16 that the
+/// flags do not repeat), refuses a step count it has already reached, and
+/// cuts metrics.jsonl back to the checkpoint, so records a killed run wrote
+/// after its last checkpoint are not repeated.
+#[test]
+fn resuming_continues_the_checkpointed_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    keel_ok(&[
+        "train",
+        "--steps",
+        "8",
+        "--warmup",
+        "2",
+        "--seq-len",
+        "16",
+        "--n-embd",
+        "16",
+        "--n-layer",
+        "1",
+        "--out",
+        out_s,
+    ]);
+    let metrics = out.join("metrics.jsonl");
+    assert_eq!(recorded_steps(&metrics), (0..8).collect::<Vec<_>>());
+    // A run killed after its checkpoint at step 8 had written steps 8 and 9.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let last = text.lines().last().unwrap();
+    let mut extra = String::new();
+    for step in [8, 9] {
+        let mut v: serde_json::Value = serde_json::from_str(last).unwrap();
+        v["step"] = step.into();
+        extra.push_str(&format!("{v}\n"));
+    }
+    std::fs::write(&metrics, text + &extra).unwrap();
+    for steps in ["8", "5"] {
+        assert_refused(
+            &format!("train --resume --steps {steps} --out {out_s}"),
+            &["`--steps`: the checkpoint is at step 8"],
+        );
+    }
+    keel_ok(&["train", "--resume", "--steps", "12", "--out", out_s]);
+    assert_eq!(recorded_steps(&metrics), (0..12).collect::<Vec<_>>());
+}
+
+/// A checkpoint location that cannot work is refused before the first step,
+/// and a default warmup longer than the run names the flag to pass.
+#[test]
+fn train_refuses_what_would_fail_later() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("checkpoint"), "").unwrap();
+    let out = dir.path().to_str().unwrap();
+    assert_refused(
+        &format!("train --steps 2 --warmup 1 --out {out}"),
+        &["`--out`", "checkpoint is a file"],
+    );
+    assert!(!dir.path().join("metrics.jsonl").exists());
+    assert_refused(
+        &format!("train --steps 5 --out {out}/new"),
+        &["`--warmup`: the warmup (20 steps by default) is longer than the run (5 steps)"],
+    );
+    assert!(
+        !dir.path().join("new").exists(),
+        "a refused run left a folder"
+    );
+}
