@@ -477,6 +477,67 @@ fn spam_clips_against_the_second_moment_and_resets() {
     let mut g = [1.0];
     let err = spam.clip_grads(&sgd, &mut [&mut g[..]]).unwrap_err();
     assert_eq!(field(err), "spam");
+    // SOAP keeps an `exp_avg_sq`, but in its eigenbasis: refused as well.
+    let soap = OptimizerConfig::from_json(r#"{"kind": "soap", "lr": 0.01}"#).unwrap();
+    let mut soap = CpuOptimizer::<f64>::new(soap, vec![ParamSpec::new("w", [3, 2])]).unwrap();
+    let mut w = [0.5; 6];
+    let mut g = [1.0, -2.0, 3.0, 0.5, 0.1, -0.7];
+    soap.step(&mut [&mut w[..]], &[&g[..]]).unwrap();
+    let err = spam.clip_grads(&soap, &mut [&mut g[..]]).unwrap_err();
+    assert!(err.to_string().contains("not soap"), "{err}");
+    // One gradient per tensor.
+    let adamw = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.1}"#).unwrap();
+    let two = vec![ParamSpec::new("a", [1]), ParamSpec::new("b", [1])];
+    let adamw = CpuOptimizer::<f64>::new(adamw, two).unwrap();
+    let mut g = [1.0];
+    let err = spam.clip_grads(&adamw, &mut [&mut g[..]]).unwrap_err();
+    assert!(matches!(err, KeelError::Shape { .. }), "{err}");
+}
+
+/// `reset_state` puts every kind's state back to a fresh optimizer's, the
+/// step count aside: zero moments, but Shampoo's inverse roots and SOAP's
+/// eigenbases identities, so the next steps still move the parameters.
+#[test]
+fn reset_state_returns_every_kind_to_a_fresh_state() {
+    let kinds = [
+        r#"{"kind": "adamw", "lr": 0.01, "weight_decay": 0.1}"#,
+        r#"{"kind": "sgd", "lr": 0.01, "momentum": 0.9}"#,
+        r#"{"kind": "lamb", "lr": 0.01}"#,
+        r#"{"kind": "lars", "lr": 0.01, "momentum": 0.9}"#,
+        r#"{"kind": "lion", "lr": 0.01}"#,
+        r#"{"kind": "muon", "lr": 0.02}"#,
+        r#"{"kind": "shampoo", "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8, "precondition_frequency": 10}"#,
+        r#"{"kind": "soap", "lr": 0.01, "precondition_frequency": 10}"#,
+    ];
+    let mut rng = Rng(7);
+    for json in kinds {
+        let config = OptimizerConfig::from_json(json).unwrap();
+        let mut opt = CpuOptimizer::<f64>::new(config, vec![ParamSpec::new("w", [6, 5])]).unwrap();
+        let fresh = opt.state_dict().unwrap();
+        let mut w: Vec<f64> = (0..30).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let mut step = |opt: &mut CpuOptimizer<f64>, w: &mut Vec<f64>| {
+            let g: Vec<f64> = (0..30).map(|_| rng.uniform(-1.0, 1.0)).collect();
+            opt.step(&mut [&mut w[..]], &[&g[..]]).unwrap()
+        };
+        for _ in 0..11 {
+            step(&mut opt, &mut w);
+        }
+        assert!(opt.state_dict().unwrap().tensors != fresh.tensors, "{json}");
+        opt.reset_state();
+        assert!(
+            opt.state_dict().unwrap().tensors == fresh.tensors,
+            "{json}: the reset state is not the fresh one"
+        );
+        assert_eq!(opt.step_count(), 11, "{json}");
+        for _ in 0..3 {
+            let stats = step(&mut opt, &mut w);
+            let u = stats.tensors[0].update_norm;
+            assert!(
+                u.is_finite() && u > 0.0,
+                "{json}: update norm {u} after a reset"
+            );
+        }
+    }
 }
 
 #[test]

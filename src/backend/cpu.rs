@@ -156,11 +156,15 @@ impl<T: Real> CpuOptimizer<T> {
         self.state.get(tensor).map(|s| &s[i][..])
     }
 
-    /// Sets every moment and momentum buffer to zero (the step count is kept,
-    /// so bias corrections continue): a momentum reset after a spike.
+    /// Puts every state buffer back to its fresh value: moments, momentum
+    /// and factor statistics zero, Shampoo's inverse roots and SOAP's
+    /// eigenbases identities (so the next steps precondition with the
+    /// identity until the next recompute, instead of updating by zero). The
+    /// step count is kept, so bias corrections continue: a momentum reset
+    /// after a spike.
     pub fn reset_state(&mut self) {
-        for slot in self.state.iter_mut().flatten() {
-            slot.fill(T::zero());
+        for (spec, state) in self.specs.iter().zip(&mut self.state) {
+            crate::optim::reset_state_in_place(&self.config.kind, spec, state);
         }
     }
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::check_positive;
 use crate::backend::cpu::CpuOptimizer;
 use crate::error::{KeelError, Result};
+use crate::optim::Optimizer;
 use crate::real::Real;
 
 /// Replaces every gradient element with `g² > theta * v` by
@@ -157,6 +158,33 @@ impl Spam {
         opt: &CpuOptimizer<T>,
         grads: &mut [&mut [T]],
     ) -> Result<usize> {
+        use crate::config::OptimizerKind;
+        let kind = &opt.config().kind;
+        // SOAP keeps an `exp_avg_sq` too, but in its rotated eigenbasis:
+        // not comparable with the raw gradient.
+        if !matches!(
+            kind,
+            OptimizerKind::Adam(_) | OptimizerKind::AdamW(_) | OptimizerKind::Lamb(_)
+        ) {
+            return Err(KeelError::config(
+                "spam",
+                format!(
+                    "SPAM needs adam, adamw or lamb (whose `exp_avg_sq` is the raw \
+                     gradient's second moment), not {}",
+                    kind.name()
+                ),
+            ));
+        }
+        if grads.len() != opt.specs().len() {
+            return Err(KeelError::Shape {
+                tensor: "spam".into(),
+                message: format!(
+                    "{} gradients for an optimizer over {} tensors",
+                    grads.len(),
+                    opt.specs().len()
+                ),
+            });
+        }
         let mut clipped = 0;
         for (i, g) in grads.iter_mut().enumerate() {
             let v = opt.state_buffer(i, "exp_avg_sq").ok_or_else(|| {

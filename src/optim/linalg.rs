@@ -58,15 +58,32 @@ pub(crate) fn matrix_state<T: Real>(
             available: crate::memory::available_memory(),
         })?;
     let mut identities = try_zeros(len, what)?;
+    set_identities(&mut identities, dims);
+    let [first, second] = moments;
+    Ok(vec![first, second, try_zeros(len, what)?, identities])
+}
+
+/// Writes one identity per `n` of `dims` into `slot` (the `n x n` matrices
+/// one after the other; off-diagonal entries must already be zero).
+fn set_identities<T: Real>(slot: &mut [T], dims: &[usize]) {
     let mut at = 0;
     for &n in dims {
         for i in 0..n {
-            identities[at + i * (n + 1)] = T::one();
+            slot[at + i * (n + 1)] = T::one();
         }
         at += n * n;
     }
-    let [first, second] = moments;
-    Ok(vec![first, second, try_zeros(len, what)?, identities])
+}
+
+/// Puts a [`matrix_state`] back to how it started, in place: moments and
+/// factor statistics zero, roots or eigenbases identities.
+pub(crate) fn reset_matrix_state<T: Real>(state: &mut [Vec<T>], dims: &[usize]) {
+    for slot in state.iter_mut() {
+        slot.fill(T::zero());
+    }
+    if let Some(last) = state.get_mut(3) {
+        set_identities(last, dims);
+    }
 }
 
 /// The mode-`j` geometry of a row-major tensor with `dims`: `(outer, n, inner)`.

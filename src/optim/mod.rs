@@ -126,6 +126,26 @@ pub fn state_slots(kind: &OptimizerKind) -> &'static [&'static str] {
     }
 }
 
+/// Puts the state of one parameter back to its fresh value in place (see
+/// [`initial_state`]): zero, but Shampoo's roots and SOAP's eigenbases
+/// identities again. `state` must have the lengths of a fresh state.
+pub(crate) fn reset_state_in_place<T: crate::real::Real>(
+    kind: &OptimizerKind,
+    spec: &ParamSpec,
+    state: &mut [Vec<T>],
+) {
+    match kind {
+        OptimizerKind::Shampoo(c) => linalg::reset_matrix_state(
+            state,
+            &shampoo::factor_dims(&spec.shape, c.max_preconditioner_dim),
+        ),
+        OptimizerKind::Soap(c) => {
+            linalg::reset_matrix_state(state, &soap::factor_dims(&spec.shape, c))
+        }
+        _ => state.iter_mut().for_each(|slot| slot.fill(T::zero())),
+    }
+}
+
 /// A fresh state for one parameter: one buffer per [`state_slots`] name,
 /// zero (Shampoo's inverse roots and SOAP's eigenbases start as identities,
 /// and their factor slots hold every block's `n x n` matrices, so their
