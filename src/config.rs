@@ -357,7 +357,7 @@ pub struct SoapConfig {
     #[serde(default = "default_soap_beta")]
     pub beta2: f64,
     /// Factor decay `sb` (default: `beta2`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shampoo_beta: Option<f64>,
     /// Added to the root of the second moment.
     #[serde(default = "default_eps")]
@@ -581,6 +581,7 @@ impl OptimizerConfig {
 
     /// Parses a config from TOML text (the same flat keys).
     pub fn from_toml(text: &str) -> Result<Self> {
+        refuse_non_finite_toml(text, "")?;
         toml::from_str(text).map_err(|e| KeelError::config("optimizer", e.to_string()))
     }
 
@@ -656,7 +657,12 @@ impl OptimizerConfig {
                 unit_interval(&f("momentum"), c.momentum)?;
                 non_negative(&f("weight_decay"), c.weight_decay)?;
                 non_negative(&f("eps"), c.eps)?;
-                require(&f("ns_steps"), c.ns_steps as f64, c.ns_steps >= 1, ">= 1")?;
+                require(
+                    &f("ns_steps"),
+                    c.ns_steps as f64,
+                    (1..=100).contains(&c.ns_steps),
+                    "in 1..=100",
+                )?;
                 for (i, x) in c.ns_coefficients.iter().enumerate() {
                     require(
                         &format!("{k}.ns_coefficients[{i}]"),
@@ -689,10 +695,13 @@ impl OptimizerConfig {
                 )?;
                 match c.grafting {
                     Grafting::None => {}
-                    Grafting::Adagrad { eps } => non_negative(&f("grafting.eps"), eps)?,
+                    // The grafted norm divides by sqrt(acc) + eps: a tensor
+                    // whose gradient is all zero would get 0/0 (as
+                    // DistributedShampoo, eps must be > 0).
+                    Grafting::Adagrad { eps } => positive(&f("grafting.eps"), eps)?,
                     Grafting::Adam { beta2, eps } => {
                         unit_interval(&f("grafting.beta2"), beta2)?;
-                        non_negative(&f("grafting.eps"), eps)?;
+                        positive(&f("grafting.eps"), eps)?;
                     }
                 }
             }
@@ -746,6 +755,38 @@ fn unit_interval(field: &str, x: f64) -> Result<()> {
 
 fn closed_unit(field: &str, x: f64) -> Result<()> {
     require(field, x, (0.0..=1.0).contains(&x), "in [0, 1]")
+}
+
+/// Refuses a TOML `nan` or `inf` anywhere in `text`, naming its key (after
+/// `prefix`). Configs pass through JSON values, which have no non-finite
+/// numbers: there a NaN would become "absent" and, for an optional setting
+/// like `clip_global_norm`, silently turn it off. Text that is not TOML is
+/// left to the caller's parser and its message.
+pub(crate) fn refuse_non_finite_toml(text: &str, prefix: &str) -> Result<()> {
+    fn walk(v: &toml::Value, path: &str) -> Result<()> {
+        let join = |k: &str| {
+            if path.is_empty() {
+                k.to_string()
+            } else {
+                format!("{path}.{k}")
+            }
+        };
+        match v {
+            toml::Value::Float(x) if !x.is_finite() => {
+                Err(KeelError::config(path, format!("must be finite, got {x}")))
+            }
+            toml::Value::Table(t) => t.iter().try_for_each(|(k, v)| walk(v, &join(k))),
+            toml::Value::Array(a) => a
+                .iter()
+                .enumerate()
+                .try_for_each(|(i, v)| walk(v, &format!("{path}[{i}]"))),
+            _ => Ok(()),
+        }
+    }
+    match toml::from_str::<toml::Table>(text) {
+        Ok(table) => walk(&toml::Value::Table(table), prefix),
+        Err(_) => Ok(()),
+    }
 }
 
 fn non_negative(field: &str, x: f64) -> Result<()> {

@@ -669,3 +669,109 @@ fn impossible_sizes_are_errors_not_aborts() {
         assert!(matches!(e, KeelError::Memory { needed, .. } if needed == 1u128 << 65));
     }
 }
+
+/// TOML can say `nan` and `inf`; a config refuses them by name instead of
+/// reading an optional setting as absent (clipping silently off).
+#[test]
+fn toml_nan_and_inf_name_the_key() {
+    for (line, key) in [
+        ("clip_global_norm = nan", "clip_global_norm"),
+        ("clip_value = inf", "clip_value"),
+        ("lr = -inf", "lr"),
+        ("weight_decay = nan", "weight_decay"),
+    ] {
+        let text = format!(
+            "kind = \"adamw\"\n{}\n{line}\n",
+            if key == "lr" { "" } else { "lr = 0.1" }
+        );
+        match OptimizerConfig::from_toml(&text) {
+            Ok(c) => panic!("{line} was read as {c:?}"),
+            Err(KeelError::Config { field, message }) => {
+                assert_eq!(field, key, "{line}");
+                assert!(message.contains("must be finite"), "{line}: {message}");
+            }
+            Err(e) => panic!("{line}: {e}"),
+        }
+    }
+    let ok = OptimizerConfig::from_toml("kind = \"adamw\"\nlr = 0.1\nclip_global_norm = 1.0\n");
+    assert_eq!(ok.unwrap().clip_global_norm, Some(1.0));
+}
+
+/// Every kind's config writes to TOML and reads back equal, as it does in
+/// JSON: one vocabulary for both.
+#[test]
+fn configs_round_trip_through_toml() {
+    for json in [
+        r#"{"kind": "adamw", "lr": 0.001, "weight_decay": 0.1, "update_clip_rms": 1.0, "clip_global_norm": 1.0, "on_nonfinite": "error"}"#,
+        r#"{"kind": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": true, "clip_value": 2.0}"#,
+        r#"{"kind": "lamb", "lr": 0.01}"#,
+        r#"{"kind": "lars", "lr": 0.01, "momentum": 0.9}"#,
+        r#"{"kind": "lion", "lr": 0.0001}"#,
+        r#"{"kind": "muon", "lr": 0.02}"#,
+        r#"{"kind": "shampoo", "lr": 0.01, "grafting": {"kind": "adagrad", "eps": 1e-8}}"#,
+        r#"{"kind": "soap", "lr": 0.01}"#,
+        r#"{"kind": "soap", "lr": 0.01, "shampoo_beta": 0.9}"#,
+    ] {
+        let config = OptimizerConfig::from_json(json).unwrap();
+        let text = toml::to_string(&config).unwrap_or_else(|e| panic!("{json}: {e}"));
+        let back = OptimizerConfig::from_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        assert_eq!(back, config, "{text}");
+    }
+}
+
+/// Zero-size matrices step (they have nothing to update) and leave the
+/// other tensors' updates as they are without them, for every matrix kind
+/// (a 0x3 Gram matrix once reached the eigensolver and overflowed there).
+#[test]
+fn matrix_kinds_step_zero_size_tensors() {
+    for json in [
+        r#"{"kind": "muon", "lr": 0.02}"#,
+        r#"{"kind": "soap", "lr": 0.01, "precondition_frequency": 1}"#,
+        r#"{"kind": "soap", "lr": 0.01, "precondition_frequency": 1, "precondition_1d": true}"#,
+        r#"{"kind": "shampoo", "lr": 0.01, "precondition_frequency": 1, "start_preconditioning_step": 1}"#,
+    ] {
+        let config = OptimizerConfig::from_json(json).unwrap();
+        let mut empties = vec![ParamSpec::new("a", [3, 0]), ParamSpec::new("b", [0, 3])];
+        if !json.contains("muon") {
+            empties.push(ParamSpec::new("c", [0]));
+        }
+        let mut specs = empties.clone();
+        specs.push(ParamSpec::new("w", [2, 3]));
+        let mut with = CpuOptimizer::<f64>::new(config.clone(), specs).unwrap();
+        let mut alone =
+            CpuOptimizer::<f64>::new(config, vec![ParamSpec::new("w", [2, 3])]).unwrap();
+        let (mut w1, mut w2) = (vec![0.5f64; 6], vec![0.5f64; 6]);
+        for step in 0..3 {
+            let g: Vec<f64> = (0..6)
+                .map(|i| ((i * 7 + step * 3) % 5) as f64 - 2.0)
+                .collect();
+            let mut nothing: Vec<Vec<f64>> = empties.iter().map(|_| Vec::new()).collect();
+            let mut params: Vec<&mut [f64]> = nothing.iter_mut().map(|v| &mut v[..]).collect();
+            params.push(&mut w1);
+            let mut grads: Vec<&[f64]> = empties.iter().map(|_| &[][..]).collect();
+            grads.push(&g);
+            let stats = with
+                .step(&mut params, &grads)
+                .unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert!(stats.global_grad_norm.is_finite(), "{json}");
+            alone.step(&mut [&mut w2[..]], &[&g[..]]).unwrap();
+            assert_eq!(w1, w2, "{json}: step {step}");
+        }
+    }
+}
+
+/// A state whose step count cannot grow is an error at the step, not an
+/// overflow: nothing is written.
+#[test]
+fn a_step_count_at_its_limit_is_an_error() {
+    let config = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.1}"#).unwrap();
+    let mut opt = CpuOptimizer::<f64>::new(config, vec![ParamSpec::new("w", [2])]).unwrap();
+    let mut sd = opt.state_dict().unwrap();
+    sd.step = u64::MAX;
+    opt.load_state_dict(&sd).unwrap();
+    let mut w = [1.0, 2.0];
+    let e = opt.step(&mut [&mut w[..]], &[&[0.5, 0.5][..]]).unwrap_err();
+    assert!(e.to_string().contains("step count"), "{e}");
+    assert_eq!(w, [1.0, 2.0]);
+    assert!(opt.state_dict().unwrap() == sd);
+}

@@ -705,6 +705,13 @@ fn bad_configuration_is_an_error_naming_the_field() {
     let dd = SpikeDetectorConfig::default();
     assert_eq!(det(SpikeDetectorConfig { window: 1, ..dd }), "spike.window");
     assert_eq!(
+        det(SpikeDetectorConfig {
+            window: usize::MAX,
+            ..dd
+        }),
+        "spike.window"
+    );
+    assert_eq!(
         det(SpikeDetectorConfig { sigma: -1.0, ..dd }),
         "spike.sigma"
     );

@@ -96,6 +96,7 @@ fn bad_muon_config_names_the_field() {
     for (extra, field) in [
         (r#", "momentum": 1.0"#, "muon.momentum"),
         (r#", "ns_steps": 0"#, "muon.ns_steps"),
+        (r#", "ns_steps": 4000000000"#, "muon.ns_steps"),
         (r#", "eps": -1"#, "muon.eps"),
         (r#", "adjust_lr": "sideways""#, "sideways"),
     ] {

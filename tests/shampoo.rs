@@ -148,6 +148,14 @@ fn bad_shampoo_config_names_the_field() {
             "shampoo.grafting.beta2",
         ),
         (r#", "grafting": {"kind": "sgd"}"#, "sgd"),
+        (
+            r#", "grafting": {"kind": "adagrad", "eps": 0.0}"#,
+            "shampoo.grafting.eps",
+        ),
+        (
+            r#", "grafting": {"kind": "adam", "eps": 0.0}"#,
+            "shampoo.grafting.eps",
+        ),
     ] {
         let text = format!(r#"{{"kind": "shampoo", "lr": 0.01{extra}}}"#);
         let msg = match OptimizerConfig::from_json(&text) {

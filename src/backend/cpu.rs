@@ -419,7 +419,10 @@ impl<T: Real> CpuOptimizer<T> {
         // 2. Coefficients per tensor, then the fused pass(es).
         let s = global_clip_factor(global_norm, self.config.clip_global_norm);
         let prep = GradPrep::<T>::new(self.config.clip_value, s);
-        let t = self.step + 1;
+        let t = self
+            .step
+            .checked_add(1)
+            .ok_or_else(|| KeelError::State(format!("the step count {} cannot grow", self.step)))?;
         let wd = kind.weight_decay();
         let group = |i: usize| &self.groups[self.group_of[i]];
         let lr_of: Vec<f64> = (0..n).map(|i| lr * group(i).lr_scale).collect();
@@ -476,6 +479,11 @@ impl<T: Real> CpuOptimizer<T> {
                 step,
                 |i, p, g, st, par| {
                     let (lw, shape) = ((lr_of[i], wd_of[i]), &specs[i].shape[..]);
+                    if p.is_empty() {
+                        // Nothing to update, and no matrix to decompose (a
+                        // 3x0 Gram matrix is 3x3 zeros, a 0x3 one empty).
+                        return (Sums::default(), 0);
+                    }
                     match &kind {
                         OptimizerKind::Muon(c) => {
                             let dims = (shape[0], shape[1]);

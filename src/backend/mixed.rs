@@ -152,6 +152,11 @@ impl MixedPrecisionOptimizer {
     }
 
     /// The f32 master weights of parameter `tensor`.
+    ///
+    /// # Panics
+    ///
+    /// If `tensor` is not below the number of parameters, as slice indexing
+    /// does (an index is the caller's, not input data).
     pub fn master(&self, tensor: usize) -> &[f32] {
         &self.master[tensor]
     }

@@ -104,6 +104,7 @@ impl Stress {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = fs::read_to_string(path)
             .map_err(|e| KeelError::config("stress", format!("{}: {e}", path.display())))?;
+        crate::config::refuse_non_finite_toml(&text, "stress")?;
         toml::from_str(&text)
             .map_err(|e| KeelError::config("stress", format!("{}: {e}", path.display())))
     }
@@ -307,6 +308,7 @@ impl TrainConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = fs::read_to_string(path)
             .map_err(|e| KeelError::config("config", format!("{}: {e}", path.display())))?;
+        crate::config::refuse_non_finite_toml(&text, "")?;
         let c: TrainConfig = toml::from_str(&text)
             .map_err(|e| KeelError::config("config", format!("{}: {e}", path.display())))?;
         c.validate()?;

@@ -40,10 +40,11 @@ impl Default for SpikeDetectorConfig {
 impl SpikeDetectorConfig {
     /// Errors, naming the field, on a setting outside its range.
     pub fn validate(&self) -> Result<()> {
-        if self.window < 2 {
+        // The window is held in memory, one loss per step.
+        if !(2..=1 << 24).contains(&self.window) {
             return Err(KeelError::config(
                 "spike.window",
-                format!("must be >= 2, got {}", self.window),
+                format!("must be in 2..=16777216, got {}", self.window),
             ));
         }
         if !(self.sigma.is_finite() && self.sigma >= 0.0) {
