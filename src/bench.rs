@@ -366,7 +366,7 @@ fn run_cpu(opts: &BenchOptions, mixed: bool) -> Result<BenchReport> {
         return Err(KeelError::config(
             "bench.params",
             format!(
-                "{} times matrices of {MATRIX_COLS} columns: params / tensors must be a multiple of {MATRIX_COLS}",
+                "{} times matrices of {MATRIX_COLS} columns: every tensor's size (params / tensors, or each of --mixed-sizes) must be a multiple of {MATRIX_COLS}",
                 opts.config.kind.name()
             ),
         ));

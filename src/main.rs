@@ -119,8 +119,10 @@ enum Command {
     /// Time the step (median after warm-up) next to the memory floor.
     #[command(allow_negative_numbers = true)]
     Bench {
-        /// Optimizer kind (sgd, adam, adamw, lamb, lars, lion), lr 1e-3 and
-        /// the reference defaults otherwise (sgd: momentum 0.9).
+        /// Optimizer kind (sgd, adam, adamw, lamb, lars, lion, muon, shampoo,
+        /// soap), lr 1e-3 and the reference defaults otherwise (sgd: momentum
+        /// 0.9; muon and shampoo take tensors of a multiple of 1024
+        /// elements, as 1024-wide matrices).
         #[arg(long, default_value = "adamw")]
         optimizer: String,
         /// A full optimizer config as JSON (overrides --optimizer).
@@ -157,7 +159,7 @@ enum Command {
         /// Time a model's tensor set instead of `--params`/`--tensors`
         /// (steps amortize the precondition frequency; muon means Muon on
         /// the hidden matrices and AdamW on the rest).
-        #[arg(long, value_enum)]
+        #[arg(long, value_enum, conflicts_with_all = ["params", "tensors", "dtype", "mixed_sizes"])]
         model: Option<Model>,
     },
     /// Time one GPT training step (forward + backward, f32) and report tokens/s.
@@ -582,7 +584,13 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
         bar.inc(1);
         bar.set_message(format!("loss {:.3}", rec.loss));
         if let Some(v) = rec.val_loss {
-            bar.println(format!("step {} val loss {v:.4}", rec.step + 1));
+            let line = format!("step {} val loss {v:.4}", rec.step + 1);
+            // A hidden bar (stderr not a terminal) drops its println.
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
         }
         if a.checkpoint_every > 0 && trainer.step() % a.checkpoint_every == 0 {
             trainer.save(&ckpt_dir, &data)?;

@@ -312,3 +312,22 @@ fn bad_inputs_are_errors_naming_the_problem() {
             .qk_norm
     );
 }
+
+/// A cosine decay that ends above its peak (or below zero) is refused by
+/// name.
+#[test]
+fn final_lr_frac_lies_in_the_unit_interval() {
+    for bad in [2.0, -0.1, f64::NAN] {
+        let mut c = resume_config(4);
+        c.final_lr_frac = bad;
+        match c.validate() {
+            Err(keel::KeelError::Config { field, .. }) => assert_eq!(field, "final_lr_frac"),
+            other => panic!("final_lr_frac {bad}: {other:?}"),
+        }
+    }
+    for good in [0.0, 0.1, 1.0] {
+        let mut c = resume_config(4);
+        c.final_lr_frac = good;
+        c.validate().unwrap();
+    }
+}

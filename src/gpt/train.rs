@@ -340,8 +340,14 @@ impl TrainConfig {
                 format!("{} is longer than steps {}", self.warmup_steps, self.steps),
             ));
         }
+        // A decay that ends above its peak is a typo, not a schedule.
+        if !(0.0..=1.0).contains(&self.final_lr_frac) {
+            return Err(KeelError::config(
+                "final_lr_frac",
+                format!("must lie in [0, 1], got {}", self.final_lr_frac),
+            ));
+        }
         let fracs = [
-            ("final_lr_frac", self.final_lr_frac),
             ("embedding_lr_scale", self.embedding_lr_scale),
             ("layer_lr_decay", self.layer_lr_decay),
         ];

@@ -68,7 +68,11 @@ pub trait Optimizer {
     fn state_dict(&self) -> Result<StateDict>;
 
     /// Restores a state from [`Optimizer::state_dict`]: parameters must match
-    /// by name and shape, and the kind and dtype must match.
+    /// by name and shape, and the kind and dtype must match. Everything else
+    /// comes from the state, as a resumed run needs it: the step count, the
+    /// moments, and also the config (learning rate, betas, weight decay,
+    /// clipping) and the parameter groups, replacing this optimizer's. A
+    /// state that does not fit changes nothing.
     fn load_state_dict(&mut self, state: &StateDict) -> Result<()>;
 
     /// [`Optimizer::load_state_dict`] for a state the caller no longer
