@@ -270,6 +270,10 @@ struct TrainArgs {
     /// back to the checkpoint's step, then appended to.
     #[arg(long)]
     resume: bool,
+    /// Start a new run in an --out folder that holds one (its metrics and
+    /// checkpoint are replaced); without it, such a folder is refused.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
     /// A TOML file of spike-inducing settings applied on top of the config
     /// (the fields of keel::gpt::train::Stress, as in `spike-lab --stress`).
     #[arg(long)]
@@ -533,27 +537,48 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
     };
     let (mut trainer, data) = if a.resume {
         // The checkpoint's config decides everything but the step count.
-        let block_size = ModelCheckpoint::read(&ckpt_dir)?.config.model.block_size;
+        let (block_size, at) = {
+            let ckpt = ModelCheckpoint::read(&ckpt_dir)?;
+            (ckpt.config.model.block_size, ckpt.step)
+        };
+        if let Some(s) = a.steps.filter(|&s| s <= at) {
+            return Err(KeelError::config(
+                "--steps",
+                format!("the checkpoint is at step {at}; give more steps to continue, got {s}"),
+            ));
+        }
         let data = dataset(block_size)?;
         let mut t = Trainer::load(&ckpt_dir, &data)?;
         if let Some(s) = a.steps {
-            if s <= t.step() {
-                return Err(KeelError::config(
-                    "--steps",
-                    format!(
-                        "the checkpoint is at step {}; give more steps to continue, got {s}",
-                        t.step()
-                    ),
-                ));
-            }
             t.set_steps(s)?;
         }
         cut_metrics(&metrics, t.step()).map_err(|e| out_err(&metrics, e))?;
         (t, data)
     } else {
         let config = train_config(&a)?;
+        let earlier = [metrics.clone(), ckpt_dir.join("model.safetensors")];
+        if !a.overwrite {
+            if let Some(found) = earlier.iter().find(|p| p.exists()) {
+                return Err(KeelError::config(
+                    "--out",
+                    format!(
+                        "{} holds a run ({}); pass --resume to continue it or \
+                         --overwrite to replace it",
+                        a.out.display(),
+                        found.display()
+                    ),
+                ));
+            }
+        }
         let data = dataset(config.model.block_size)?;
-        (Trainer::new(config, &data)?, data)
+        let trainer = Trainer::new(config, &data)?;
+        if a.overwrite {
+            // The old checkpoint goes now: if the new run stopped before its
+            // first save, it would otherwise be resumed under the new
+            // run's metrics.
+            remove_checkpoint(&ckpt_dir).map_err(|e| out_err(&ckpt_dir, e))?;
+        }
+        (trainer, data)
     };
     // Where the checkpoint goes is known to work before the first step.
     if ckpt_dir.exists() && !ckpt_dir.is_dir() {
@@ -605,6 +630,26 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
         ckpt_dir.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes the files of a `keel train` checkpoint from `dir` (its model file
+/// first: without it the folder names no checkpoint); other files stay.
+fn remove_checkpoint(dir: &std::path::Path) -> std::io::Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    let model = dir.join("model.safetensors");
+    if model.exists() {
+        std::fs::remove_file(&model)?;
+    }
+    for entry in entries {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.starts_with("optimizer") && name.ends_with(".safetensors") {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// Keeps the records of `metrics` (JSON lines) of the steps before `step`,

@@ -206,6 +206,31 @@ fn resuming_continues_the_checkpointed_run() {
     }
     keel_ok(&["train", "--resume", "--steps", "12", "--out", out_s]);
     assert_eq!(recorded_steps(&metrics), (0..12).collect::<Vec<_>>());
+    // A new run into the folder must say it replaces the old one.
+    assert_refused(
+        &format!("train --steps 4 --warmup 1 --out {out_s}"),
+        &["`--out`", "holds a run", "--resume", "--overwrite"],
+    );
+    assert_eq!(recorded_steps(&metrics).len(), 12, "a refused run wrote");
+    keel_ok(&[
+        "train",
+        "--steps",
+        "4",
+        "--warmup",
+        "1",
+        "--seq-len",
+        "16",
+        "--n-embd",
+        "16",
+        "--n-layer",
+        "1",
+        "--out",
+        out_s,
+        "--overwrite",
+    ]);
+    assert_eq!(recorded_steps(&metrics), (0..4).collect::<Vec<_>>());
+    keel_ok(&["train", "--resume", "--steps", "6", "--out", out_s]);
+    assert_eq!(recorded_steps(&metrics), (0..6).collect::<Vec<_>>());
 }
 
 /// A checkpoint location that cannot work is refused before the first step,
