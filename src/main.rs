@@ -34,12 +34,18 @@ fn print_line(line: std::fmt::Arguments) {
         .and_then(|()| out.write_all(b"\n"))
         .and_then(|()| out.flush())
     {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(141);
-        }
-        eprintln!("error: cannot write to standard output: {e}");
-        std::process::exit(2);
+        stdout_failed(e);
     }
+}
+
+/// Ends the process after a failed write to standard output (see
+/// `println!` above).
+fn stdout_failed(e: std::io::Error) -> ! {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(141);
+    }
+    eprintln!("error: cannot write to standard output: {e}");
+    std::process::exit(2);
 }
 
 #[derive(Parser)]
@@ -418,9 +424,21 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                         })
                 })
                 .collect::<Result<_, _>>()?;
-            let out = train::sample(&mut model, &params, &ids, chars, temperature, seed)?;
-            let text: String = out.iter().map(|&i| vocab[i as usize]).collect();
-            println!("{text}");
+            // Streamed, a line at a time: any --chars runs in bounded memory
+            // and shows its text as it comes.
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let mut utf8 = [0u8; 4];
+            train::sample_with(&mut model, &params, &ids, chars, temperature, seed, |id| {
+                let c = vocab[id as usize];
+                let written = out.write_all(c.encode_utf8(&mut utf8).as_bytes());
+                let flushed = written.and_then(|()| if c == '\n' { out.flush() } else { Ok(()) });
+                flushed.unwrap_or_else(|e| stdout_failed(e));
+                Ok(())
+            })?;
+            out.write_all(b"\n")
+                .and_then(|()| out.flush())
+                .unwrap_or_else(|e| stdout_failed(e));
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -254,3 +254,48 @@ fn train_refuses_what_would_fail_later() {
         "a refused run left a folder"
     );
 }
+
+/// `sample` streams: a practically endless `--chars` shows text at once,
+/// in bounded memory, and ends with status 141 when the reader goes away
+/// (as `keel sample ... | head` does), not with a panic.
+#[test]
+fn sample_streams_and_stops_when_the_reader_goes() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    keel_ok(&[
+        "train",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--seq-len",
+        "16",
+        "--n-embd",
+        "16",
+        "--n-layer",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["sample", out.join("checkpoint").to_str().unwrap()])
+        .args(["--chars", "18446744073709551615"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 100];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    // The pipe is closed here; the next write fails.
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(141), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1273,7 +1273,9 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Text generated from `params` after `prompt` ids: `n` characters sampled
-/// at `temperature` (0: greedy) with `seed`.
+/// at `temperature` (0: greedy) with `seed`. Returns the prompt's ids (`[0]`
+/// for an empty prompt), then the sampled ones; [`sample_with`] streams
+/// them instead.
 pub fn sample(
     model: &mut Gpt<f32>,
     params: &[Vec<f32>],
@@ -1282,6 +1284,26 @@ pub fn sample(
     temperature: f64,
     seed: u64,
 ) -> Result<Vec<u32>> {
+    let mut out = Vec::new();
+    sample_with(model, params, prompt, n, temperature, seed, |id| {
+        out.push(id);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`sample`] that hands each id to `emit` as soon as it is known, holding
+/// only the model's context window: any `n` runs in bounded memory, and an
+/// error from `emit` (say, a closed pipe) stops it.
+pub fn sample_with(
+    model: &mut Gpt<f32>,
+    params: &[Vec<f32>],
+    prompt: &[u32],
+    n: usize,
+    temperature: f64,
+    seed: u64,
+    mut emit: impl FnMut(u32) -> Result<()>,
+) -> Result<()> {
     if !(temperature.is_finite() && temperature >= 0.0) {
         return Err(KeelError::config(
             "temperature",
@@ -1294,6 +1316,9 @@ pub fn sample(
     } else {
         prompt.to_vec()
     };
+    for &id in &ids {
+        emit(id)?;
+    }
     let mut rng = SplitMix64::new(seed);
     for _ in 0..n {
         let ctx = &ids[ids.len().saturating_sub(block)..];
@@ -1320,8 +1345,13 @@ pub fn sample(
             pick
         };
         ids.push(next as u32);
+        emit(next as u32)?;
+        // Only the last `block` ids are ever read again.
+        if ids.len() >= 2 * block.max(1) {
+            ids.drain(..ids.len() - block);
+        }
     }
-    Ok(ids)
+    Ok(())
 }
 
 fn argmax(x: &[f32]) -> usize {
