@@ -228,6 +228,18 @@ pub(crate) fn tensor_checksum(name: &str, values: Values<'_>) -> String {
     format!("{:08x}", h.finalize())
 }
 
+/// The CRC-32 a state file written by [`save`] stores in its header (read
+/// without its tensors): what identifies the file's content.
+pub(crate) fn stored_checksum(path: &Path) -> Result<String> {
+    let file = fs::File::open(path).map_err(|e| err(path, format!("cannot read: {e}")))?;
+    let reader = TensorReader::new(file, path)?;
+    reader
+        .metadata()
+        .and_then(|m| m.get("crc32"))
+        .cloned()
+        .ok_or_else(|| err(path, "metadata has no `crc32`"))
+}
+
 /// Adds one tensor to a checksum begun by [`checksum_of_metadata`].
 fn add_tensor(h: &mut crc32fast::Hasher, name: &str, bytes: &[u8]) {
     h.update(name.as_bytes());

@@ -223,6 +223,16 @@ pub fn relative_error(ours: &[f64], expected: &[f64]) -> f64 {
     }
 }
 
+/// The worse of two errors, NaN being worst of all and staying so
+/// (`f64::max` would drop a NaN for any later number).
+fn worse(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
 /// Replays a case in `T`; returns the worst relative error.
 fn replay<T: Real>(case: &Case, config: OptimizerConfig) -> Result<f64> {
     let specs: Vec<ParamSpec> = case
@@ -254,7 +264,7 @@ fn replay<T: Real>(case: &Case, config: OptimizerConfig) -> Result<f64> {
         for (p, want) in params.iter().zip(&step.params_after) {
             let ours: Vec<f64> = p.iter().map(|x| x.to_f64x()).collect();
             let e = relative_error(&ours, want);
-            worst = if e.is_nan() { f64::NAN } else { worst.max(e) };
+            worst = worse(worst, e);
         }
     }
     Ok(worst)
@@ -401,4 +411,19 @@ pub fn run_golden(file: &Path) -> Vec<CaseResult> {
             result
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worse;
+
+    #[test]
+    fn a_nan_error_stays_the_worst() {
+        assert_eq!(worse(1e-9, 1e-3), 1e-3);
+        assert!(worse(f64::NAN, 1e-3).is_nan());
+        assert!(worse(1e-3, f64::NAN).is_nan());
+        // Folded over a case: one NaN tensor early, finite ones after.
+        let folded = [0.0, f64::NAN, 1e-12, 1e-15].into_iter().fold(0.0, worse);
+        assert!(folded.is_nan());
+    }
 }

@@ -272,9 +272,12 @@ struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u64,
     /// Continue from <out>/checkpoint with its config; only --steps (more
-    /// than the checkpoint's step) and --data apply. metrics.jsonl is cut
-    /// back to the checkpoint's step, then appended to.
-    #[arg(long)]
+    /// than the checkpoint's step), --data and --checkpoint-every apply.
+    /// metrics.jsonl is cut back to the checkpoint's step, then appended to.
+    #[arg(long, conflicts_with_all = [
+        "config", "lr", "optimizer", "batch", "grad_accum", "n_layer", "n_embd",
+        "seq_len", "warmup", "clip", "seed", "ema", "layer_lr_decay", "eval_every", "stress",
+    ])]
     resume: bool,
     /// Start a new run in an --out folder that holds one (its metrics and
     /// checkpoint are replaced); without it, such a folder is refused.
@@ -663,7 +666,11 @@ fn remove_checkpoint(dir: &std::path::Path) -> std::io::Result<()> {
     for entry in entries {
         let path = entry?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if name.starts_with("optimizer") && name.ends_with(".safetensors") {
+        // Only the files keel writes: optimizer<k>.safetensors.
+        let index = name
+            .strip_prefix("optimizer")
+            .and_then(|n| n.strip_suffix(".safetensors"));
+        if index.is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit())) {
             std::fs::remove_file(&path)?;
         }
     }
@@ -691,7 +698,7 @@ fn cut_metrics(metrics: &std::path::Path, step: u64) -> std::io::Result<()> {
         .filter(|l| before(l))
         .flat_map(|l| [l, "\n"])
         .collect();
-    if kept.len() != text.len() {
+    if kept != text {
         keel::checkpoint::write_atomic(metrics, kept.as_bytes())
             .map_err(|e| std::io::Error::other(e.to_string()))?;
     }
@@ -716,21 +723,28 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, KeelError> {
     }
     config.steps = a.steps.unwrap_or(config.steps);
     if let Some(kind) = &a.optimizer {
-        let lr = config.optimizer.lr();
+        let old = config.optimizer.clone();
+        // The kind at the config's lr, with the settings every kind has.
+        let with_shared = |json: serde_json::Value| -> Result<OptimizerConfig, KeelError> {
+            let mut c = OptimizerConfig::from_json(&json.to_string())
+                .map_err(|e| flag_error("--optimizer", e))?;
+            c.clip_global_norm = old.clip_global_norm;
+            c.clip_value = old.clip_value;
+            c.on_nonfinite = old.on_nonfinite;
+            Ok(c)
+        };
+        let lr = old.lr();
         if kind == "muon" {
-            config.matrix_optimizer = Some(OptimizerConfig::from_json(&format!(
-                r#"{{"kind": "muon", "lr": {lr}, "adjust_lr": "match_rms_adamw"}}"#
-            ))?);
+            // AdamW on the rest: the config's own, if it is AdamW already.
+            if old.kind.name() != "adamw" {
+                config.optimizer = with_shared(serde_json::json!({ "kind": "adamw", "lr": lr }))?;
+            }
+            config.matrix_optimizer = Some(with_shared(serde_json::json!({
+                "kind": "muon", "lr": lr, "adjust_lr": "match_rms_adamw"
+            }))?);
         } else {
-            let json = serde_json::json!({ "kind": kind, "lr": lr }).to_string();
-            let old = std::mem::replace(
-                &mut config.optimizer,
-                OptimizerConfig::from_json(&json).map_err(|e| flag_error("--optimizer", e))?,
-            );
-            // Settings every kind has carry over from the config file.
-            config.optimizer.clip_global_norm = old.clip_global_norm;
-            config.optimizer.clip_value = old.clip_value;
-            config.optimizer.on_nonfinite = old.on_nonfinite;
+            config.optimizer = with_shared(serde_json::json!({ "kind": kind, "lr": lr }))?;
+            config.matrix_optimizer = None;
         }
     }
     if let Some(lr) = a.lr {

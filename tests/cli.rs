@@ -299,3 +299,95 @@ fn sample_streams_and_stops_when_the_reader_goes() {
     assert_eq!(status.code(), Some(141), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `--optimizer` replaces the config file's optimizers as its help says,
+/// keeping the settings every kind has: `muon` is Muon on the matrices and
+/// AdamW on the rest, any other kind covers every tensor.
+#[test]
+fn the_optimizer_flag_keeps_the_shared_settings() {
+    use keel::gpt::train::ModelCheckpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("run.toml");
+    std::fs::write(
+        &toml,
+        r#"
+steps = 2
+warmup_steps = 1
+batch = 2
+[model]
+vocab_size = 65
+block_size = 16
+n_layer = 1
+n_head = 2
+n_embd = 16
+[optimizer]
+kind = "lamb"
+lr = 0.003
+clip_global_norm = 1.0
+on_nonfinite = "error"
+[matrix_optimizer]
+kind = "muon"
+lr = 0.003
+"#,
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let run = |kind: &str| {
+        keel_ok(&[
+            "train",
+            "--config",
+            toml.to_str().unwrap(),
+            "--optimizer",
+            kind,
+            "--out",
+            out.to_str().unwrap(),
+            "--overwrite",
+        ]);
+        ModelCheckpoint::read(&out.join("checkpoint"))
+            .unwrap()
+            .config
+    };
+    let c = run("muon");
+    let m = c.matrix_optimizer.as_ref().unwrap();
+    assert_eq!((c.optimizer.kind.name(), m.kind.name()), ("adamw", "muon"));
+    for o in [&c.optimizer, m] {
+        assert_eq!(o.clip_global_norm, Some(1.0), "{o:?}");
+        assert_eq!(o.on_nonfinite, keel::NonFinitePolicy::Error, "{o:?}");
+        assert_eq!(o.lr(), 0.003, "{o:?}");
+    }
+    let c = run("lion");
+    assert_eq!(c.optimizer.kind.name(), "lion");
+    assert!(c.matrix_optimizer.is_none(), "{:?}", c.matrix_optimizer);
+    assert_eq!(c.optimizer.clip_global_norm, Some(1.0));
+}
+
+/// Cutting metrics.jsonl back on `--resume` rewrites it whenever a line is
+/// dropped, even when the kept text happens to be as long as before (a
+/// blank line dropped, a last line missing its newline).
+#[test]
+fn resuming_rewrites_metrics_whenever_a_line_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    keel_ok(&[
+        "train",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--seq-len",
+        "16",
+        "--n-embd",
+        "16",
+        "--n-layer",
+        "1",
+        "--out",
+        out_s,
+    ]);
+    let metrics = out.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line = text.trim_end();
+    std::fs::write(&metrics, format!("\n{line}")).unwrap();
+    keel_ok(&["train", "--resume", "--steps", "2", "--out", out_s]);
+    assert_eq!(recorded_steps(&metrics), [0, 1]);
+}

@@ -141,7 +141,7 @@ fn join_safetensors(header: &serde_json::Value, data: &[u8]) -> Vec<u8> {
 /// naming the file; a file without checksums (an older keel) still loads,
 /// but not with a vocabulary that does not fit its model.
 #[test]
-fn model_files_carry_checksums_and_their_optimizer_steps() {
+fn model_files_carry_checksums_and_name_their_optimizer_files() {
     let data = Dataset::tiny_shakespeare(16).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.safetensors");
@@ -179,24 +179,48 @@ fn model_files_carry_checksums_and_their_optimizer_steps() {
     let msg = load_err();
     assert!(msg.contains("metadata checksum mismatch"), "{msg}");
 
+    // A model file missing one of its checksum keys is damaged, not old.
+    for key in ["crc32", "tensor_crc32", "optimizer_crc32"] {
+        let mut partial = header.clone();
+        partial["__metadata__"].as_object_mut().unwrap().remove(key);
+        std::fs::write(&model, join_safetensors(&partial, &body)).unwrap();
+        let msg = load_err();
+        assert!(msg.contains("checksums are incomplete"), "{key}: {msg}");
+    }
+
     // The optimizer file of the step-1 checkpoint next to the step-2 model.
+    let mismatch = |msg: &str| {
+        msg.contains("optimizer0.safetensors")
+            && msg.contains("is not the optimizer file")
+            && msg.contains("different checkpoints")
+    };
     std::fs::write(&model, &good).unwrap();
     std::fs::write(dir.path().join("optimizer0.safetensors"), &step1_optimizer).unwrap();
     let msg = load_err();
-    assert!(
-        msg.contains("optimizer0.safetensors")
-            && msg.contains("is at step 1")
-            && msg.contains("step 2")
-            && msg.contains("different checkpoints"),
-        "{msg}"
-    );
+    assert!(mismatch(&msg), "{msg}");
+    // And one at the same step count but of another run (as a rollback can
+    // repeat a step count): checksums tell them apart.
+    let other = tempfile::tempdir().unwrap();
+    let mut config = resume_config(4);
+    config.seed += 1;
+    let mut u = Trainer::new(config, &data).unwrap();
+    u.train_step(&data).unwrap();
+    u.train_step(&data).unwrap();
+    u.save(other.path(), &data).unwrap();
+    std::fs::copy(
+        other.path().join("optimizer0.safetensors"),
+        dir.path().join("optimizer0.safetensors"),
+    )
+    .unwrap();
+    let msg = load_err();
+    assert!(mismatch(&msg), "{msg}");
     t.save(dir.path(), &data).unwrap();
     assert_eq!(Trainer::load(dir.path(), &data).unwrap().step(), 2);
 
     // A file without checksums loads (as files of older builds do) ...
     let mut old = header.clone();
     let meta = old["__metadata__"].as_object_mut().unwrap();
-    for key in ["crc32", "tensor_crc32", "optimizer_steps"] {
+    for key in ["crc32", "tensor_crc32", "optimizer_crc32"] {
         assert!(meta.remove(key).is_some(), "{key}");
     }
     std::fs::write(&model, join_safetensors(&old, &body)).unwrap();

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::cpu::CpuOptimizer;
-use crate::checkpoint::{metadata_checksum, tensor_checksum, LeBytesView, StateData, TensorReader};
+use crate::checkpoint::{
+    metadata_checksum, stored_checksum, tensor_checksum, LeBytesView, StateData, TensorReader,
+};
 use crate::config::{AdamWConfig, OptimizerConfig, OptimizerKind};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
@@ -1010,7 +1012,7 @@ impl Trainer {
     /// `optimizer{k}.safetensors` per optimizer, each written atomically;
     /// the model file goes last, so it only names a complete checkpoint. The
     /// model file holds a CRC-32 of every tensor and of its metadata, and the
-    /// step count of every optimizer file it goes with.
+    /// checksum of every optimizer file it goes with.
     pub fn save(&self, dir: &Path, data: &Dataset) -> Result<()> {
         fs::create_dir_all(dir).map_err(|e| checkpoint_err(dir, e.to_string()))?;
         for (k, part) in self.parts.iter().enumerate() {
@@ -1026,10 +1028,14 @@ impl Trainer {
             serde_json::to_string(&self.config).map_err(|e| checkpoint_err(dir, e.to_string()))?,
         );
         meta.insert("vocab".to_string(), data.vocab().chars().iter().collect());
-        let optimizer_steps: Vec<u64> = self.parts.iter().map(|p| p.opt.step_count()).collect();
+        // Each optimizer file's own checksum: the model file names exactly
+        // the files it goes with (step counts can repeat after a rollback).
+        let optimizer_crcs = (0..self.parts.len())
+            .map(|k| stored_checksum(&dir.join(format!("optimizer{k}.safetensors"))))
+            .collect::<Result<Vec<String>>>()?;
         meta.insert(
-            "optimizer_steps".to_string(),
-            serde_json::to_string(&optimizer_steps)
+            "optimizer_crc32".to_string(),
+            serde_json::to_string(&optimizer_crcs)
                 .map_err(|e| checkpoint_err(dir, e.to_string()))?,
         );
         let specs = self.model.param_specs();
@@ -1079,24 +1085,26 @@ impl Trainer {
             trainer.ema = Some(ckpt.tensors(&trainer.model.param_specs(), "ema.")?);
         }
         trainer.prev_grads = ckpt.tensors(&trainer.model.param_specs(), "prev_grad.")?;
+        let parts = trainer.parts.len();
         for (k, part) in trainer.parts.iter_mut().enumerate() {
             let path = dir.join(format!("optimizer{k}.safetensors"));
-            part.opt.load_state(&path)?;
             // A crash between writing the optimizer files and the model file
             // leaves files of two checkpoints side by side.
-            if let Some(want) = ckpt.optimizer_steps.as_ref().and_then(|s| s.get(k)) {
-                let got = part.opt.step_count();
-                if got != *want {
+            if let Some(crcs) = &ckpt.optimizer_crcs {
+                let got = stored_checksum(&path)?;
+                if crcs.len() != parts || crcs[k] != got {
                     return Err(checkpoint_err(
                         &path,
                         format!(
-                            "is at step {got}, but {} goes with an optimizer at step {want}: \
-                             the files come from different checkpoints",
-                            ckpt.path.display()
+                            "is not the optimizer file {} was saved with (checksum {got}, \
+                             expected {}): the files come from different checkpoints",
+                            ckpt.path.display(),
+                            crcs.get(k).map_or("none", |c| c.as_str())
                         ),
                     ));
                 }
             }
+            part.opt.load_state(&path)?;
         }
         trainer.step = ckpt.step;
         trainer.skipped = ckpt.skipped;
@@ -1125,8 +1133,8 @@ pub struct ModelCheckpoint {
     path: PathBuf,
     /// Each tensor's CRC-32 (files written before checksums: none).
     tensor_crcs: Option<BTreeMap<String, String>>,
-    /// The step counts of the optimizer files that go with this one.
-    optimizer_steps: Option<Vec<u64>>,
+    /// The checksums of the optimizer files that go with this one.
+    optimizer_crcs: Option<Vec<String>>,
     /// The file, open: the tensors come from the file the metadata came
     /// from, even if a run saves a new checkpoint over it meanwhile.
     reader: TensorReader<fs::File>,
@@ -1153,9 +1161,17 @@ impl ModelCheckpoint {
                 .parse()
                 .map_err(|_| checkpoint_err(&path, format!("bad `{k}`")))
         };
-        // Files written before checksums have none; a file that has one must
-        // match it, and then every tensor must match its own.
-        let (tensor_crcs, optimizer_steps) = match meta.get("crc32") {
+        // Files written before checksums have none of these keys; a file
+        // with some of them is damaged; one with all must match them.
+        const CHECKED: [&str; 3] = ["crc32", "tensor_crc32", "optimizer_crc32"];
+        let present = CHECKED.iter().filter(|k| meta.contains_key(**k)).count();
+        if present != 0 && present != CHECKED.len() {
+            return Err(checkpoint_err(
+                &path,
+                "its checksums are incomplete: the file is corrupted",
+            ));
+        }
+        let (tensor_crcs, optimizer_crcs) = match meta.get("crc32") {
             None => (None, None),
             Some(want) => {
                 let got = metadata_checksum(&meta);
@@ -1174,9 +1190,9 @@ impl ModelCheckpoint {
                 };
                 let crcs = serde_json::from_value(json("tensor_crc32")?)
                     .map_err(|e| checkpoint_err(&path, format!("bad `tensor_crc32`: {e}")))?;
-                let steps = serde_json::from_value(json("optimizer_steps")?)
-                    .map_err(|e| checkpoint_err(&path, format!("bad `optimizer_steps`: {e}")))?;
-                (Some(crcs), Some(steps))
+                let optimizers = serde_json::from_value(json("optimizer_crc32")?)
+                    .map_err(|e| checkpoint_err(&path, format!("bad `optimizer_crc32`: {e}")))?;
+                (Some(crcs), Some(optimizers))
             }
         };
         let config: TrainConfig = serde_json::from_str(&get("config")?)
@@ -1200,7 +1216,7 @@ impl ModelCheckpoint {
             config,
             path,
             tensor_crcs,
-            optimizer_steps,
+            optimizer_crcs,
             reader,
         })
     }

@@ -355,7 +355,10 @@ impl Core {
     /// keeps borrowed until this returns).
     fn step(&mut self, bufs: StepBuffers) -> Result<StepStats> {
         let n = self.specs.len();
-        let t = self.step + 1;
+        let t = self
+            .step
+            .checked_add(1)
+            .ok_or_else(|| KeelError::State(format!("the step count {} cannot grow", self.step)))?;
         let kind = self.config.kind.clone();
         let (tparam, coef) = self.coefficients(t);
         // Each tensor's parameter and gradient addresses, which the matrix
@@ -657,7 +660,7 @@ impl Core {
                 tensors,
             });
         }
-        self.step += 1;
+        self.step += 1; // checked in `step`
         let some = |x: f64| if x.is_nan() { None } else { Some(x) };
         let tensors = (0..n)
             .map(|i| {
