@@ -95,8 +95,9 @@ fn broken_checkpoints_are_errors_naming_the_file() {
         }
         std::fs::write(&path, &bytes).unwrap();
     }
-    // A model file from a wider run: its optimizer state no longer fits, and
-    // the error names the optimizer's file.
+    // A model file from a wider run names other optimizer files; without its
+    // checksums (as files of older builds), the optimizer state no longer
+    // fits. Either way the error names the optimizer's file.
     let other = dir.path().join("other");
     let mut wide = resume_config(4);
     wide.model = GptConfig::new(65, 16, 2, 2, 48);
@@ -107,6 +108,22 @@ fn broken_checkpoints_are_errors_naming_the_file() {
     std::fs::copy(
         other.join("model.safetensors"),
         dir.path().join("model.safetensors"),
+    )
+    .unwrap();
+    let msg = Trainer::load(dir.path(), &data).err().unwrap().to_string();
+    assert!(
+        msg.contains("optimizer0.safetensors") && msg.contains("different checkpoints"),
+        "{msg}"
+    );
+    let (mut header, body) =
+        split_safetensors(&std::fs::read(other.join("model.safetensors")).unwrap());
+    let meta = header["__metadata__"].as_object_mut().unwrap();
+    for key in ["crc32", "tensor_crc32", "optimizer_crc32"] {
+        meta.remove(key);
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors"),
+        join_safetensors(&header, &body),
     )
     .unwrap();
     let msg = Trainer::load(dir.path(), &data).err().unwrap().to_string();
