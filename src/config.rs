@@ -799,13 +799,40 @@ fn positive(field: &str, x: f64) -> Result<()> {
 
 const SHARED_KEYS: [&str; 3] = ["clip_global_norm", "clip_value", "on_nonfinite"];
 
+/// Reads a config's map of settings, refusing a key given twice (JSON
+/// parsers would otherwise keep the last one silently).
+struct UniqueKeys;
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = serde_json::Map<String, serde_json::Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a map of optimizer settings")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut access: A,
+    ) -> std::result::Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let mut map = serde_json::Map::new();
+        while let Some((key, value)) = access.next_entry::<String, serde_json::Value>()? {
+            if map.contains_key(&key) {
+                return Err(A::Error::custom(format!("`{key}` is given twice")));
+            }
+            map.insert(key, value);
+        }
+        Ok(map)
+    }
+}
+
 impl<'de> Deserialize<'de> for OptimizerConfig {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
         use serde::de::Error;
         // Go through a generic map so the shared keys can be split off and the
         // kind's own struct can still reject unknown keys (serde's `flatten`
         // cannot be combined with `deny_unknown_fields`).
-        let mut map = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let mut map = deserializer.deserialize_map(UniqueKeys)?;
         let mut take = |key: &str| map.remove(key);
         let shared: Vec<Option<serde_json::Value>> = SHARED_KEYS.iter().map(|k| take(k)).collect();
         let number = |i: usize| -> std::result::Result<Option<f64>, D::Error> {

@@ -461,14 +461,12 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             let config = match config {
                 Some(text) => OptimizerConfig::from_json(&text)?,
                 None => {
-                    let extra = if optimizer == "sgd" {
-                        r#", "momentum": 0.9"#
-                    } else {
-                        ""
-                    };
-                    OptimizerConfig::from_json(&format!(
-                        r#"{{"kind": "{optimizer}", "lr": 0.001{extra}}}"#
-                    ))?
+                    let mut json = serde_json::json!({ "kind": optimizer, "lr": 0.001 });
+                    if optimizer == "sgd" {
+                        json["momentum"] = 0.9.into();
+                    }
+                    OptimizerConfig::from_json(&json.to_string())
+                        .map_err(|e| flag_error("--optimizer", e))?
                 }
             };
             if let Some(t) = threads {

@@ -775,3 +775,72 @@ fn a_step_count_at_its_limit_is_an_error() {
     assert_eq!(w, [1.0, 2.0]);
     assert!(opt.state_dict().unwrap() == sd);
 }
+
+/// A learning rate finite in f64 but not in f32 (or one whose product with
+/// the weight decay is not) is an error at an f32 step, naming the field,
+/// and writes nothing; in f64 the same step runs.
+#[test]
+fn coefficients_that_overflow_f32_are_errors() {
+    for (json, lr, needle) in [
+        (
+            r#"{"kind": "adamw", "lr": 0.1}"#,
+            1e300,
+            "lr = 1e300 overflows F32",
+        ),
+        (
+            r#"{"kind": "lion", "lr": 0.1}"#,
+            1e39,
+            "lr = 1e39 overflows F32",
+        ),
+        (
+            r#"{"kind": "adamw", "lr": 0.1, "weight_decay": 1e300}"#,
+            1e-3,
+            "lr x weight_decay = 1e297 overflows F32",
+        ),
+    ] {
+        let config = OptimizerConfig::from_json(json).unwrap();
+        let mut opt =
+            CpuOptimizer::<f32>::new(config.clone(), vec![ParamSpec::new("w", [3])]).unwrap();
+        opt.set_lr(lr).unwrap();
+        let before = opt.state_dict().unwrap();
+        let mut w = [1.0f32, 2.0, 3.0];
+        match opt.step(&mut [&mut w[..]], &[&[0.1, 0.1, 0.1][..]]) {
+            Ok(_) => panic!("{json} at lr {lr}: stepped to {w:?}"),
+            Err(KeelError::Config { field, message }) => {
+                assert!(field.ends_with(".lr"), "{field}");
+                assert!(message.contains(needle), "{message}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert_eq!(w, [1.0, 2.0, 3.0]);
+        assert!(opt.state_dict().unwrap() == before);
+        let mut opt64 = CpuOptimizer::<f64>::new(config, vec![ParamSpec::new("w", [3])]).unwrap();
+        opt64.set_lr(lr).unwrap();
+        let mut w64 = [1.0f64, 2.0, 3.0];
+        opt64
+            .step(&mut [&mut w64[..]], &[&[0.1, 0.1, 0.1][..]])
+            .unwrap();
+    }
+}
+
+/// A key given twice is an error naming it, not "the last one wins".
+#[test]
+fn duplicate_config_keys_are_refused() {
+    for (json, key) in [
+        (
+            r#"{"kind": "adamw", "lr": 0.1, "kind": "sgd"}"#,
+            "`kind` is given twice",
+        ),
+        (
+            r#"{"kind": "adamw", "lr": 0.1, "lr": 1.0}"#,
+            "`lr` is given twice",
+        ),
+        (
+            r#"{"kind": "adamw", "lr": 0.1, "clip_global_norm": 1, "clip_global_norm": 2}"#,
+            "`clip_global_norm` is given twice",
+        ),
+    ] {
+        let e = OptimizerConfig::from_json(json).unwrap_err();
+        assert!(e.to_string().contains(key), "{json}: {e}");
+    }
+}

@@ -7,11 +7,19 @@ use common::{grads, step, values};
 use keel::optim::shampoo::merged_dims;
 use keel::{checkpoint, CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec, SkipReason};
 
+/// Shampoo's base settings with the keys of `extra` (`, "key": value, ...`)
+/// replacing or adding to them.
 fn config(extra: &str) -> OptimizerConfig {
-    OptimizerConfig::from_json(&format!(
-        r#"{{"kind": "shampoo", "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8{extra}}}"#
-    ))
-    .unwrap()
+    let mut base: serde_json::Value = serde_json::from_str(
+        r#"{"kind": "shampoo", "lr": 0.01, "beta1": 0.9, "beta2": 0.999, "epsilon": 1e-8}"#,
+    )
+    .unwrap();
+    let extra: serde_json::Value =
+        serde_json::from_str(&format!("{{{}}}", extra.trim_start_matches(','))).unwrap();
+    for (key, value) in extra.as_object().unwrap() {
+        base[key] = value.clone();
+    }
+    OptimizerConfig::from_json(&base.to_string()).unwrap()
 }
 
 #[test]

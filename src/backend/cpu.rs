@@ -429,6 +429,18 @@ impl<T: Real> CpuOptimizer<T> {
         let wd_of: Vec<f64> = (0..n)
             .map(|i| if group(i).weight_decay { wd } else { 0.0 })
             .collect();
+        // Finite in f64 is not finite in f32: a coefficient that overflows
+        // `T` would turn every parameter it touches into inf.
+        for (&l, &w) in lr_of.iter().zip(&wd_of) {
+            for (what, x) in [("lr", l), ("lr x weight_decay", l * w)] {
+                if !T::from_f64x(x).is_finite() {
+                    return Err(KeelError::config(
+                        format!("{}.lr", self.config.kind.name()),
+                        format!("{what} = {x:e} overflows {}", T::DTYPE),
+                    ));
+                }
+            }
+        }
         let trust_on: Vec<bool> = (0..n).map(|i| group(i).trust_ratio).collect();
         let mut trust = vec![None; n];
         let mut uclip = vec![None; n];
