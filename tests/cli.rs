@@ -149,6 +149,28 @@ fn keel_ok(args: &[&str]) {
     );
 }
 
+/// A tiny `keel train` run (one layer, 16 wide, context 16) into `out`,
+/// with `extra` flags.
+fn train_tiny(out: &str, steps: &str, warmup: &str, extra: &[&str]) {
+    let mut args = vec![
+        "train",
+        "--steps",
+        steps,
+        "--warmup",
+        warmup,
+        "--seq-len",
+        "16",
+        "--n-embd",
+        "16",
+        "--n-layer",
+        "1",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    keel_ok(&args);
+}
+
 /// The steps recorded in a metrics.jsonl.
 fn recorded_steps(metrics: &std::path::Path) -> Vec<u64> {
     std::fs::read_to_string(metrics)
@@ -171,21 +193,7 @@ fn resuming_continues_the_checkpointed_run() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap();
-    keel_ok(&[
-        "train",
-        "--steps",
-        "8",
-        "--warmup",
-        "2",
-        "--seq-len",
-        "16",
-        "--n-embd",
-        "16",
-        "--n-layer",
-        "1",
-        "--out",
-        out_s,
-    ]);
+    train_tiny(out_s, "8", "2", &[]);
     let metrics = out.join("metrics.jsonl");
     assert_eq!(recorded_steps(&metrics), (0..8).collect::<Vec<_>>());
     // A run killed after its checkpoint at step 8 had written steps 8 and 9.
@@ -212,22 +220,7 @@ fn resuming_continues_the_checkpointed_run() {
         &["`--out`", "holds a run", "--resume", "--overwrite"],
     );
     assert_eq!(recorded_steps(&metrics).len(), 12, "a refused run wrote");
-    keel_ok(&[
-        "train",
-        "--steps",
-        "4",
-        "--warmup",
-        "1",
-        "--seq-len",
-        "16",
-        "--n-embd",
-        "16",
-        "--n-layer",
-        "1",
-        "--out",
-        out_s,
-        "--overwrite",
-    ]);
+    train_tiny(out_s, "4", "1", &["--overwrite"]);
     assert_eq!(recorded_steps(&metrics), (0..4).collect::<Vec<_>>());
     keel_ok(&["train", "--resume", "--steps", "6", "--out", out_s]);
     assert_eq!(recorded_steps(&metrics), (0..6).collect::<Vec<_>>());
@@ -263,21 +256,7 @@ fn sample_streams_and_stops_when_the_reader_goes() {
     use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
-    keel_ok(&[
-        "train",
-        "--steps",
-        "2",
-        "--warmup",
-        "1",
-        "--seq-len",
-        "16",
-        "--n-embd",
-        "16",
-        "--n-layer",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    train_tiny(out.to_str().unwrap(), "2", "1", &[]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["sample", out.join("checkpoint").to_str().unwrap()])
         .args(["--chars", "18446744073709551615"])
@@ -369,21 +348,7 @@ fn resuming_rewrites_metrics_whenever_a_line_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     let out_s = out.to_str().unwrap();
-    keel_ok(&[
-        "train",
-        "--steps",
-        "1",
-        "--warmup",
-        "1",
-        "--seq-len",
-        "16",
-        "--n-embd",
-        "16",
-        "--n-layer",
-        "1",
-        "--out",
-        out_s,
-    ]);
+    train_tiny(out_s, "1", "1", &[]);
     let metrics = out.join("metrics.jsonl");
     let text = std::fs::read_to_string(&metrics).unwrap();
     let line = text.trim_end();
