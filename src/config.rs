@@ -816,13 +816,96 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
     ) -> std::result::Result<Self::Value, A::Error> {
         use serde::de::Error;
         let mut map = serde_json::Map::new();
-        while let Some((key, value)) = access.next_entry::<String, serde_json::Value>()? {
+        while let Some((key, UniqueValue(value))) = access.next_entry::<String, UniqueValue>()? {
             if map.contains_key(&key) {
                 return Err(A::Error::custom(format!("`{key}` is given twice")));
             }
             map.insert(key, value);
         }
         Ok(map)
+    }
+}
+
+/// A setting's value, read with [`UniqueKeys`] for nested maps too (Shampoo's
+/// `grafting`), so a key given twice is refused at every depth.
+struct UniqueValue(serde_json::Value);
+
+impl<'de> Deserialize<'de> for UniqueValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        deserializer.deserialize_any(UniqueValueVisitor)
+    }
+}
+
+struct UniqueValueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UniqueValueVisitor {
+    type Value = UniqueValue;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a setting's value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<UniqueValue, E> {
+        Ok(UniqueValue(v.into()))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<UniqueValue, E> {
+        Ok(UniqueValue(v.into()))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<UniqueValue, E> {
+        Ok(UniqueValue(v.into()))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<UniqueValue, E> {
+        // JSON values hold no NaN or infinity: refuse one here rather than
+        // let it turn into `null`, which reads as "not set".
+        serde_json::Number::from_f64(v)
+            .map(|n| UniqueValue(serde_json::Value::Number(n)))
+            .ok_or_else(|| E::custom(format!("must be finite, got {v}")))
+    }
+
+    fn visit_str<E>(self, v: &str) -> std::result::Result<UniqueValue, E> {
+        Ok(UniqueValue(v.into()))
+    }
+
+    fn visit_string<E>(self, v: String) -> std::result::Result<UniqueValue, E> {
+        Ok(UniqueValue(v.into()))
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<UniqueValue, E> {
+        Ok(UniqueValue(serde_json::Value::Null))
+    }
+
+    fn visit_none<E>(self) -> std::result::Result<UniqueValue, E> {
+        Ok(UniqueValue(serde_json::Value::Null))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<UniqueValue, D::Error> {
+        UniqueValue::deserialize(deserializer)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut access: A,
+    ) -> std::result::Result<UniqueValue, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueValue(v)) = access.next_element()? {
+            items.push(v);
+        }
+        Ok(UniqueValue(serde_json::Value::Array(items)))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        access: A,
+    ) -> std::result::Result<UniqueValue, A::Error> {
+        UniqueKeys
+            .visit_map(access)
+            .map(|m| UniqueValue(serde_json::Value::Object(m)))
     }
 }
 
@@ -850,14 +933,7 @@ impl<'de> Deserialize<'de> for OptimizerConfig {
             Some(v) => NonFinitePolicy::deserialize(v)
                 .map_err(|e| D::Error::custom(format!("`on_nonfinite`: {e}")))?,
         };
-        if !map.contains_key("kind") {
-            return Err(D::Error::custom(format!(
-                "missing `kind` (one of {})",
-                KINDS.join(", ")
-            )));
-        }
-        let kind = OptimizerKind::deserialize(serde_json::Value::Object(map))
-            .map_err(|e| D::Error::custom(e.to_string()))?;
+        let kind = kind_from_map(map).map_err(D::Error::custom)?;
         Ok(OptimizerConfig {
             kind,
             clip_global_norm,
@@ -865,6 +941,49 @@ impl<'de> Deserialize<'de> for OptimizerConfig {
             on_nonfinite,
         })
     }
+}
+
+/// The kind named by `kind` in `map`, with its settings from the rest of
+/// `map`. Dispatched here rather than through serde's tagged enum, which
+/// buffers the settings and so loses which key a type error is about.
+fn kind_from_map(
+    mut map: serde_json::Map<String, serde_json::Value>,
+) -> std::result::Result<OptimizerKind, String> {
+    fn settings<T: serde::de::DeserializeOwned>(
+        map: serde_json::Map<String, serde_json::Value>,
+    ) -> std::result::Result<T, String> {
+        serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path == "." {
+                inner.to_string()
+            } else {
+                format!("`{path}`: {inner}")
+            }
+        })
+    }
+    let name = match map.remove("kind") {
+        Some(serde_json::Value::String(name)) => name,
+        Some(other) => return Err(format!("`kind` must be a string, got {other}")),
+        None => return Err(format!("missing `kind` (one of {})", KINDS.join(", "))),
+    };
+    Ok(match name.as_str() {
+        "sgd" => OptimizerKind::Sgd(settings(map)?),
+        "adam" => OptimizerKind::Adam(settings(map)?),
+        "adamw" => OptimizerKind::AdamW(settings(map)?),
+        "lamb" => OptimizerKind::Lamb(settings(map)?),
+        "lars" => OptimizerKind::Lars(settings(map)?),
+        "lion" => OptimizerKind::Lion(settings(map)?),
+        "muon" => OptimizerKind::Muon(settings(map)?),
+        "shampoo" => OptimizerKind::Shampoo(settings(map)?),
+        "soap" => OptimizerKind::Soap(settings(map)?),
+        other => {
+            return Err(format!(
+                "unknown kind `{other}` (one of {})",
+                KINDS.join(", ")
+            ))
+        }
+    })
 }
 
 impl Serialize for OptimizerConfig {

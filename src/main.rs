@@ -390,6 +390,10 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 stress,
                 lr_mult,
                 progress: true,
+            })
+            .map_err(|e| match lr_mult {
+                Some(_) => named_by_flags(e, &[("stress.lr_mult", "--lr-mult")]),
+                None => e,
             })?;
             println!("{}", r.table);
             println!("report: {}", r.report.display());
@@ -476,7 +480,8 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 let model = match model {
                     Model::GptSmall => BenchModel::GptSmall,
                 };
-                let r = bench::run_model_on(&config, model, steps, warmup, device.into())?;
+                let r = bench::run_model_on(&config, model, steps, warmup, device.into())
+                    .map_err(|e| named_by_flags(e, BENCH_FLAGS))?;
                 if json {
                     print_json(&r)?;
                 } else {
@@ -513,7 +518,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 device: device.into(),
                 mixed_sizes,
             };
-            let r = bench::run_with(&opts, &target)?;
+            let r = bench::run_with(&opts, &target).map_err(|e| named_by_flags(e, BENCH_FLAGS))?;
             if json {
                 print_json(&r)?;
             } else {
@@ -821,6 +826,10 @@ fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {
     })
 }
 
+/// The library's names of the fields `keel bench` flags set.
+const BENCH_FLAGS: &[(&str, &str)] =
+    &[("bench.steps", "--steps"), ("bench", "--params, --tensors")];
+
 fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
     if let Some(t) = a.threads {
         set_threads(t)?;
@@ -832,6 +841,20 @@ fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
         seq_len: a.seq_len,
         steps: a.steps,
         warmup: a.warmup,
+    })
+    .map_err(|e| {
+        named_by_flags(
+            e,
+            &[
+                ("bench-gpt.steps", "--steps"),
+                ("block_size", "--seq-len"),
+                ("vocab_size", "--vocab-size"),
+                ("n_layer", "--n-layer"),
+                ("n_head", "--n-head"),
+                ("n_embd", "--n-embd"),
+                ("batch", "--batch"),
+            ],
+        )
     })?;
     if a.json {
         print_json(&r)?;
@@ -878,6 +901,19 @@ fn set_threads(threads: usize) -> Result<(), KeelError> {
         .num_threads(threads)
         .build_global()
         .map_err(|e| KeelError::config("threads", e.to_string()))
+}
+
+/// A configuration error about a field that a command-line flag set names
+/// the flag instead (the library names its own fields); other errors pass
+/// through unchanged.
+fn named_by_flags(e: KeelError, flags: &[(&str, &str)]) -> KeelError {
+    match e {
+        KeelError::Config { field, message } => match flags.iter().find(|(f, _)| *f == field) {
+            Some((_, flag)) => KeelError::config(*flag, message),
+            None => KeelError::Config { field, message },
+        },
+        other => other,
+    }
 }
 
 /// An error about a command-line flag: a configuration error inside names

@@ -242,6 +242,34 @@ fn unparsable_configs_name_the_problem() {
     );
 }
 
+/// A value of the wrong type names its key (serde alone says only what it
+/// expected), in JSON, in TOML, and inside arrays and nested settings.
+#[test]
+fn wrongly_typed_values_name_their_key() {
+    for (json, needles) in [
+        (
+            r#"{"kind":"adamw","lr":"fast"}"#,
+            &["`lr`", "string \"fast\""][..],
+        ),
+        (r#"{"kind":"sgd","lr":0.1,"nesterov":1}"#, &["`nesterov`"]),
+        (
+            r#"{"kind":"muon","lr":0.1,"ns_coefficients":[3.4,-4.7,"x"]}"#,
+            &["`ns_coefficients[2]`"],
+        ),
+        (
+            r#"{"kind":"shampoo","lr":0.1,"grafting":{"kind":"adam","eps":"tiny"}}"#,
+            &["`grafting`", "string \"tiny\""],
+        ),
+        (r#"{"kind":7,"lr":0.1}"#, &["`kind` must be a string"]),
+    ] {
+        assert_err_mentions(OptimizerConfig::from_json(json), needles);
+    }
+    assert_err_mentions(
+        OptimizerConfig::from_toml("kind = \"lamb\"\nlr = 0.1\nweight_decay = \"some\"\n"),
+        &["`weight_decay`"],
+    );
+}
+
 #[test]
 fn toml_and_json_configs_agree() {
     let toml = r#"
@@ -560,6 +588,21 @@ fn mismatched_state_dicts_are_refused() {
         t.data = StateData::F64(vec![0.0; 5]);
     }
     bad.push((short, vec!["w/exp_avg", "5"], false));
+    let mut negative = source.clone();
+    for t in negative
+        .tensors
+        .iter_mut()
+        .filter(|t| t.name == "w/exp_avg_sq")
+    {
+        if let StateData::F64(v) = &mut t.data {
+            v[4] = -1e-9;
+        }
+    }
+    bad.push((
+        negative,
+        vec!["w/exp_avg_sq", "element 4", "negative"],
+        false,
+    ));
     let mut f32_data = source.clone();
     for t in f32_data.tensors.iter_mut() {
         if let StateData::F64(v) = &t.data {
@@ -839,8 +882,35 @@ fn duplicate_config_keys_are_refused() {
             r#"{"kind": "adamw", "lr": 0.1, "clip_global_norm": 1, "clip_global_norm": 2}"#,
             "`clip_global_norm` is given twice",
         ),
+        // Nested maps too: Shampoo's grafting.
+        (
+            r#"{"kind": "shampoo", "lr": 0.1, "grafting": {"kind": "adam", "eps": 1e-8, "eps": 1}}"#,
+            "`eps` is given twice",
+        ),
     ] {
         let e = OptimizerConfig::from_json(json).unwrap_err();
         assert!(e.to_string().contains(key), "{json}: {e}");
     }
+}
+
+/// Shampoo's grafting accumulator is a sum of squares too: a negative one
+/// is refused on load, by name; its other buffers may hold negatives.
+#[test]
+fn negative_graft_accumulators_are_refused() {
+    let shampoo = r#"{"kind":"shampoo","lr":0.1,"grafting":{"kind":"adagrad","eps":1e-8}}"#;
+    let source = stepped(shampoo, specs()).state_dict().unwrap();
+    let negated = |slot: &str| {
+        let mut sd = source.clone();
+        for t in sd.tensors.iter_mut().filter(|t| t.name == slot) {
+            if let StateData::F64(v) = &mut t.data {
+                v[0] = -v[0].abs() - 1.0;
+            }
+        }
+        sd
+    };
+    assert_err_mentions(
+        CpuOptimizer::<f64>::from_state_dict(&negated("b/graft")),
+        &["b/graft", "element 0", "negative"],
+    );
+    CpuOptimizer::<f64>::from_state_dict(&negated("b/exp_avg")).unwrap();
 }

@@ -64,25 +64,25 @@ fn runs_larger_than_memory_are_refused_up_front() {
 fn bad_counts_name_the_flag() {
     assert_refused(
         "bench-gpt --steps 0",
-        &["`bench-gpt.steps`: must be in 1..=1000000, got 0"],
+        &["`--steps`: must be in 1..=1000000, got 0"],
     );
     assert_refused(
         "bench --optimizer adamw --params 10 --steps 0",
-        &["`bench.steps`: must be in 1..=1000000, got 0"],
+        &["`--steps`: must be in 1..=1000000, got 0"],
     );
     // Each timed step's time is kept: a count past any useful median is
     // refused before anything is allocated.
     assert_refused(
         "bench --optimizer adamw --params 10 --steps 18446744073709551615",
-        &["`bench.steps`: must be in 1..=1000000, got 18446744073709551615"],
+        &["`--steps`: must be in 1..=1000000, got 18446744073709551615"],
     );
     assert_refused(
         "bench --model gpt-small --optimizer soap --steps 4000000000",
-        &["`bench.steps`: must be in 1..=1000000"],
+        &["`--steps`: must be in 1..=1000000"],
     );
     assert_refused(
         "bench-gpt --steps 4000000000",
-        &["`bench-gpt.steps`: must be in 1..=1000000, got 4000000000"],
+        &["`--steps`: must be in 1..=1000000, got 4000000000"],
     );
     for threads in ["0", "100000"] {
         assert_refused(
@@ -98,6 +98,16 @@ fn bad_counts_name_the_flag() {
         "spike-lab --arms adamw,lamb,adamw --out /nonexistent/keel-cli",
         &["`--arms`: names `adamw` twice"],
     );
+    // The library's own field names become the flags that set them.
+    assert_refused(
+        "bench --optimizer adamw --params 10 --tensors 11 --steps 1",
+        &["`--params, --tensors`: need 0 < tensors <= params, got 11 tensors, 10 params"],
+    );
+    assert_refused(
+        "bench-gpt --seq-len 0",
+        &["`--seq-len`: must be at least 1"],
+    );
+    assert_refused("bench-gpt --batch 0", &["`--batch`: must be at least 1"]);
     assert_refused(
         "train --lr NaN --steps 2 --warmup 0 --out /nonexistent/keel-cli",
         &["`--lr`: must be finite and >= 0, got NaN (as `adamw.lr`)"],
@@ -108,10 +118,26 @@ fn bad_counts_name_the_flag() {
 /// which name the field, instead of clap's "unexpected argument '-1'".
 #[test]
 fn negative_values_reach_the_field_checks() {
+    // A refused lab leaves no output folder.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lab");
     assert_refused(
-        "spike-lab --lr-mult -1 --out /nonexistent/keel-cli",
-        &["`stress.lr_mult`: must be finite and > 0, got -1"],
+        &format!("spike-lab --lr-mult -1 --out {}", out.display()),
+        &["`--lr-mult`: must be finite and > 0, got -1"],
     );
+    assert!(!out.exists());
+    // From a stress file, the error names the file's key.
+    let stress = dir.path().join("stress.toml");
+    std::fs::write(&stress, "lr_mult = -2.0\n").unwrap();
+    assert_refused(
+        &format!(
+            "spike-lab --stress {} --out {}",
+            stress.display(),
+            out.display()
+        ),
+        &["`stress.lr_mult`: must be finite and > 0, got -2"],
+    );
+    assert!(!out.exists());
     assert_refused(
         "train --lr -0.5 --steps 2 --warmup 0 --out /nonexistent/keel-cli",
         &["`--lr`: must be finite and >= 0, got -0.5"],
@@ -293,8 +319,8 @@ fn the_optimizer_flag_keeps_the_shared_settings() {
 steps = 2
 warmup_steps = 1
 batch = 2
+# No vocab_size: the data sets it.
 [model]
-vocab_size = 65
 block_size = 16
 n_layer = 1
 n_head = 2

@@ -292,6 +292,13 @@ fn bad_configs_are_errors_naming_the_field() {
     assert_eq!(config_field(cfg.validate().unwrap_err()), "init_std");
     // serde: a missing size is an error, options default.
     assert!(serde_json::from_str::<GptConfig>(r#"{"vocab_size": 3}"#).is_err());
+    // Except the vocabulary, which a training config takes from its data:
+    // left out, it is 0, and the model refuses that by name.
+    let no_vocab: GptConfig =
+        serde_json::from_str(r#"{"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}"#)
+            .unwrap();
+    assert_eq!(no_vocab.vocab_size, 0);
+    assert_eq!(config_field(no_vocab.validate().unwrap_err()), "vocab_size");
 }
 
 #[test]

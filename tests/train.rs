@@ -372,3 +372,25 @@ fn final_lr_frac_lies_in_the_unit_interval() {
         c.validate().unwrap();
     }
 }
+
+/// An outlier batch at or past the last step would never be injected: it
+/// is refused by its index, while the last step itself is accepted.
+#[test]
+fn outliers_past_the_last_step_are_refused() {
+    use keel::gpt::train::{Outlier, OutlierKind};
+    let at = |step| Outlier {
+        step,
+        kind: OutlierKind::GradX100,
+    };
+    let mut c = resume_config(4);
+    c.outliers = vec![at(1), at(3)];
+    c.validate().unwrap();
+    c.outliers = vec![at(1), at(4)];
+    match c.validate() {
+        Err(keel::KeelError::Config { field, message }) => {
+            assert_eq!(field, "outliers[1].step");
+            assert!(message.contains("0..4"), "{message}");
+        }
+        other => panic!("outlier at step 4 of 4: {other:?}"),
+    }
+}

@@ -1164,11 +1164,33 @@ fn collect_state<T: Real>(
         let mut bufs = Vec::with_capacity(slots.len());
         for (slot, len) in slots.iter().zip(lens) {
             let name = format!("{}/{}", spec.name, slot);
-            bufs.push(buffer(&name, len)?);
+            let buf = buffer(&name, len)?;
+            if SUMS_OF_SQUARES.contains(slot) {
+                refuse_negative(&name, &buf)?;
+            }
+            bufs.push(buf);
         }
         state.push(bufs);
     }
     Ok(state)
+}
+
+/// State slots that hold (averages of) squared gradients: Adam's, LAMB's and
+/// SOAP's second moment and Shampoo's grafting accumulator.
+const SUMS_OF_SQUARES: [&str; 2] = ["exp_avg_sq", "graft"];
+
+/// Refuses a loaded second moment with a negative element: no step writes
+/// one, and its square root would turn the parameters to NaN at the next
+/// step, far from the file that caused it.
+fn refuse_negative<T: Real>(name: &str, buf: &[T]) -> Result<()> {
+    match buf.iter().position(|x| *x < T::zero()) {
+        None => Ok(()),
+        Some(i) => Err(KeelError::State(format!(
+            "`{name}` holds {} at element {i}: a second moment is never negative \
+             (the state is damaged, or was not written by keel)",
+            buf[i].to_f64x()
+        ))),
+    }
 }
 
 /// The step of a matrix optimizer (Muon, Shampoo, SOAP): each tensor whole

@@ -33,7 +33,10 @@ pub enum Norm {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GptConfig {
-    /// Vocabulary size `V`.
+    /// Vocabulary size `V`. It may be left out of a training config, whose
+    /// data sets it ([`crate::gpt::train::Trainer::new`]); elsewhere a missing one
+    /// reads as 0, which [`GptConfig::validate`] refuses.
+    #[serde(default)]
     pub vocab_size: usize,
     /// Longest sequence `T` the position embedding covers.
     pub block_size: usize,

@@ -412,7 +412,6 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(format!("runs/spike-lab-{}", options.preset.name())));
-    fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
 
     let mut jobs = Vec::new();
     for &size in &lab.sizes {
@@ -428,6 +427,9 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
             }
         }
     }
+    // Only now that every run's config is checked: a refused lab leaves no
+    // output folder behind.
+    fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
     let total: u64 = jobs.iter().map(|j| j.3.steps).sum();
     let bar = if options.progress {
         let b = ProgressBar::new(total);

@@ -313,7 +313,11 @@ impl TrainConfig {
         crate::config::refuse_non_finite_toml(&text, "")?;
         let c: TrainConfig = toml::from_str(&text)
             .map_err(|e| KeelError::config("config", format!("{}: {e}", path.display())))?;
-        c.validate()?;
+        // The data sets the vocabulary (`Trainer::new`), so a file may leave
+        // it out; everything else is checked now, before any data is read.
+        let mut sized = c.clone();
+        sized.model.vocab_size = sized.model.vocab_size.max(1);
+        sized.validate()?;
         Ok(c)
     }
 
@@ -335,6 +339,21 @@ impl TrainConfig {
         }
         if self.eval_batches == 0 {
             return Err(KeelError::config("eval_batches", "must be at least 1"));
+        }
+        // An outlier past the end would silently never happen.
+        if let Some((i, o)) = self
+            .outliers
+            .iter()
+            .enumerate()
+            .find(|(_, o)| o.step >= self.steps)
+        {
+            return Err(KeelError::config(
+                format!("outliers[{i}].step"),
+                format!(
+                    "{} is past the last step (steps are 0..{})",
+                    o.step, self.steps
+                ),
+            ));
         }
         if self.warmup_steps > self.steps {
             return Err(KeelError::config(
