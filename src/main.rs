@@ -219,7 +219,7 @@ struct TrainArgs {
     /// Optimizer steps.
     #[arg(long)]
     steps: Option<u64>,
-    /// Peak learning rate of the (first) optimizer.
+    /// Peak learning rate of every optimizer (`matrix_optimizer` too).
     #[arg(long)]
     lr: Option<f64>,
     /// Optimizer kind for every tensor (adamw, lamb, shampoo, ...) at the
@@ -243,7 +243,8 @@ struct TrainArgs {
     /// Context length.
     #[arg(long)]
     seq_len: Option<usize>,
-    /// Warmup steps (default 20; at most --steps).
+    /// Warmup steps, at most --steps (default 20, or with --config the
+    /// file's `warmup_steps`, which defaults to 0).
     #[arg(long)]
     warmup: Option<u64>,
     /// Global-norm gradient clipping (with Muon, each optimizer clips the

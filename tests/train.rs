@@ -286,6 +286,14 @@ fn spike_lab_smoke_writes_report_plots_and_metrics() {
         }
     }
     assert!(report.contains("plain AdamW"));
+    // The folder the report gives as its example is one the lab wrote.
+    let example = report
+        .split("(e.g. `")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .expect("the report names an example run folder");
+    assert_eq!(example, "adamw_clip1-seed0/");
+    assert!(out.join(example).join("metrics.jsonl").is_file());
     for f in ["loss_curves.svg", "loss_curves.png"] {
         assert!(std::fs::metadata(out.join(f)).unwrap().len() > 0, "{f}");
     }

@@ -759,7 +759,8 @@ fn write_report(
     let _ = writeln!(
         md,
         "\n(better/worse: fewer/more diverged seeds first; then fewer/more spike events \
-         without a final val loss more than 0.02 worse/better.)\n"
+         without a final val loss more than 0.02 worse/better; with as many spike events, \
+         a final val loss more than 0.02 better/worse.)\n"
     );
     if sized {
         let _ = writeln!(md, "## Spike rate against model size\n");
@@ -876,9 +877,21 @@ fn write_report(
             let _ = writeln!(md, "Plain AdamW did not spike in any seed: no heatmap.\n");
         }
     }
+    // Folder names as `run_name` writes them, with a real one for example.
+    let pattern = if sized {
+        "L<layers>C<width>-<arm>-seed<k>"
+    } else {
+        "<arm>-seed<k>"
+    };
+    let arm = lab.arms.iter().find(|a| a.name().contains('+'));
+    let example = match (arm.or(lab.arms.first()), results.first()) {
+        (Some(&arm), Some(r)) => run_name(arm, r.size, 0, sized),
+        _ => pattern.to_string(),
+    };
     let _ = writeln!(
         md,
-        "## Files\n\nEach run's per-step metrics are in `<arm>-seed<k>/metrics.jsonl` \
+        "## Files\n\nEach run's per-step metrics are in `{pattern}/metrics.jsonl`, with `+` in \
+         an arm's name written `_` (e.g. `{example}/`) \
          (loss, lr factor, global and per-tensor grad norm, per-tensor update/param ratio, \
          trust ratios, gradient cosine with the previous step, max attention logit per layer, \
          mean log Z, skipped and rolled-back steps, outliers, validation loss)."
