@@ -799,9 +799,12 @@ fn positive(field: &str, x: f64) -> Result<()> {
 
 const SHARED_KEYS: [&str; 3] = ["clip_global_norm", "clip_value", "on_nonfinite"];
 
-/// Reads a config's map of settings, refusing a key given twice (JSON
-/// parsers would otherwise keep the last one silently).
-struct UniqueKeys;
+/// Reads a config's map of settings, refusing a key given twice at any
+/// depth (JSON parsers would otherwise keep the last one silently). `path`
+/// names the map in errors: empty at the top, `grafting` below it.
+struct UniqueKeys {
+    path: String,
+}
 
 impl<'de> serde::de::Visitor<'de> for UniqueKeys {
     type Value = serde_json::Map<String, serde_json::Value>;
@@ -816,9 +819,15 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
     ) -> std::result::Result<Self::Value, A::Error> {
         use serde::de::Error;
         let mut map = serde_json::Map::new();
-        while let Some((key, UniqueValue(value))) = access.next_entry::<String, UniqueValue>()? {
+        while let Some(key) = access.next_key::<String>()? {
+            let path = if self.path.is_empty() {
+                key.clone()
+            } else {
+                format!("{}.{key}", self.path)
+            };
+            let UniqueValue(value) = access.next_value_seed(UniqueValue::at(path.clone()))?;
             if map.contains_key(&key) {
-                return Err(A::Error::custom(format!("`{key}` is given twice")));
+                return Err(A::Error::custom(format!("`{path}` is given twice")));
             }
             map.insert(key, value);
         }
@@ -830,15 +839,30 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
 /// `grafting`), so a key given twice is refused at every depth.
 struct UniqueValue(serde_json::Value);
 
-impl<'de> Deserialize<'de> for UniqueValue {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        deserializer.deserialize_any(UniqueValueVisitor)
+impl UniqueValue {
+    /// The seed that reads the value at `path`.
+    fn at(path: String) -> UniqueValueSeed {
+        UniqueValueSeed { path }
     }
 }
 
-struct UniqueValueVisitor;
+/// Reads a [`UniqueValue`] that sits at `path` in the config.
+struct UniqueValueSeed {
+    path: String,
+}
 
-impl<'de> serde::de::Visitor<'de> for UniqueValueVisitor {
+impl<'de> serde::de::DeserializeSeed<'de> for UniqueValueSeed {
+    type Value = UniqueValue;
+
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        deserializer: D,
+    ) -> std::result::Result<UniqueValue, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueValueSeed {
     type Value = UniqueValue;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -862,7 +886,7 @@ impl<'de> serde::de::Visitor<'de> for UniqueValueVisitor {
         // let it turn into `null`, which reads as "not set".
         serde_json::Number::from_f64(v)
             .map(|n| UniqueValue(serde_json::Value::Number(n)))
-            .ok_or_else(|| E::custom(format!("must be finite, got {v}")))
+            .ok_or_else(|| E::custom(format!("`{}` must be finite, got {v}", self.path)))
     }
 
     fn visit_str<E>(self, v: &str) -> std::result::Result<UniqueValue, E> {
@@ -885,7 +909,7 @@ impl<'de> serde::de::Visitor<'de> for UniqueValueVisitor {
         self,
         deserializer: D,
     ) -> std::result::Result<UniqueValue, D::Error> {
-        UniqueValue::deserialize(deserializer)
+        deserializer.deserialize_any(self)
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(
@@ -893,7 +917,9 @@ impl<'de> serde::de::Visitor<'de> for UniqueValueVisitor {
         mut access: A,
     ) -> std::result::Result<UniqueValue, A::Error> {
         let mut items = Vec::new();
-        while let Some(UniqueValue(v)) = access.next_element()? {
+        while let Some(UniqueValue(v)) =
+            access.next_element_seed(UniqueValue::at(format!("{}[{}]", self.path, items.len())))?
+        {
             items.push(v);
         }
         Ok(UniqueValue(serde_json::Value::Array(items)))
@@ -903,7 +929,7 @@ impl<'de> serde::de::Visitor<'de> for UniqueValueVisitor {
         self,
         access: A,
     ) -> std::result::Result<UniqueValue, A::Error> {
-        UniqueKeys
+        UniqueKeys { path: self.path }
             .visit_map(access)
             .map(|m| UniqueValue(serde_json::Value::Object(m)))
     }
@@ -915,7 +941,9 @@ impl<'de> Deserialize<'de> for OptimizerConfig {
         // Go through a generic map so the shared keys can be split off and the
         // kind's own struct can still reject unknown keys (serde's `flatten`
         // cannot be combined with `deny_unknown_fields`).
-        let mut map = deserializer.deserialize_map(UniqueKeys)?;
+        let mut map = deserializer.deserialize_map(UniqueKeys {
+            path: String::new(),
+        })?;
         let mut take = |key: &str| map.remove(key);
         let shared: Vec<Option<serde_json::Value>> = SHARED_KEYS.iter().map(|k| take(k)).collect();
         let number = |i: usize| -> std::result::Result<Option<f64>, D::Error> {
@@ -955,8 +983,10 @@ fn kind_from_map(
         serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
-            if path == "." {
-                inner.to_string()
+            let inner = inner.to_string();
+            // Unknown keys already name themselves.
+            if path == "." || inner.contains(&format!("`{path}`")) {
+                inner
             } else {
                 format!("`{path}`: {inner}")
             }

@@ -828,8 +828,11 @@ fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {
 }
 
 /// The library's names of the fields `keel bench` flags set.
-const BENCH_FLAGS: &[(&str, &str)] =
-    &[("bench.steps", "--steps"), ("bench", "--params, --tensors")];
+const BENCH_FLAGS: &[(&str, &str)] = &[
+    ("bench.steps", "--steps"),
+    ("bench.params", "--params"),
+    ("bench", "--params, --tensors"),
+];
 
 fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
     if let Some(t) = a.threads {

@@ -885,7 +885,7 @@ fn duplicate_config_keys_are_refused() {
         // Nested maps too: Shampoo's grafting.
         (
             r#"{"kind": "shampoo", "lr": 0.1, "grafting": {"kind": "adam", "eps": 1e-8, "eps": 1}}"#,
-            "`eps` is given twice",
+            "`grafting.eps` is given twice",
         ),
     ] {
         let e = OptimizerConfig::from_json(json).unwrap_err();

@@ -104,6 +104,10 @@ fn bad_counts_name_the_flag() {
         &["`--params, --tensors`: need 0 < tensors <= params, got 11 tensors, 10 params"],
     );
     assert_refused(
+        "bench --optimizer shampoo --params 1000 --steps 1",
+        &["`--params`: shampoo times matrices of"],
+    );
+    assert_refused(
         "bench-gpt --seq-len 0",
         &["`--seq-len`: must be at least 1"],
     );
@@ -381,4 +385,72 @@ fn resuming_rewrites_metrics_whenever_a_line_is_dropped() {
     std::fs::write(&metrics, format!("\n{line}")).unwrap();
     keel_ok(&["train", "--resume", "--steps", "2", "--out", out_s]);
     assert_eq!(recorded_steps(&metrics), [0, 1]);
+}
+
+/// Outlier batches are checked against the run's final step count: a config
+/// file's outlier past the file's own `steps` is fine when `--steps` extends
+/// the run (and is injected), and an outlier the run would never reach is
+/// refused by the field it came from.
+#[test]
+fn outliers_are_checked_against_the_final_step_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("run.toml");
+    std::fs::write(
+        &toml,
+        r#"
+steps = 2
+warmup_steps = 0
+batch = 2
+outliers = [{step = 3, kind = "grad_x100"}]
+[model]
+block_size = 16
+n_layer = 1
+n_head = 2
+n_embd = 16
+[optimizer]
+kind = "adamw"
+lr = 0.003
+"#,
+    )
+    .unwrap();
+    let stress = dir.path().join("stress.toml");
+    std::fs::write(
+        &stress,
+        "outliers = [{step = 4, kind = \"repeated_char\"}]\n",
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let (toml_s, stress_s, out_s) = (
+        toml.to_str().unwrap(),
+        stress.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    assert_refused(
+        &format!("train --config {toml_s} --out {out_s}"),
+        &["`outliers[0].step`: 3 is past the last step (the run's steps are 0..2)"],
+    );
+    assert_refused(
+        &format!("train --config {toml_s} --steps 4 --stress {stress_s} --out {out_s}"),
+        &["`stress.outliers[0].step`: 4 is past the last step (the run's steps are 0..4)"],
+    );
+    assert!(!out.exists(), "a refused run wrote");
+    keel_ok(&[
+        "train", "--config", toml_s, "--steps", "5", "--stress", stress_s, "--out", out_s,
+    ]);
+    let outliers: Vec<(u64, String)> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let kind = v["outlier"].as_str()?.to_string();
+            Some((v["step"].as_u64().unwrap(), kind))
+        })
+        .collect();
+    assert_eq!(
+        outliers,
+        [
+            (3, "grad_x100".to_string()),
+            (4, "repeated_char".to_string())
+        ]
+    );
 }

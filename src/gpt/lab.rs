@@ -427,8 +427,8 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
             }
         }
     }
-    // Only now that every run's config is checked: a refused lab leaves no
-    // output folder behind.
+    // Only now that every run's config is checked: a lab refused by its
+    // settings leaves no output folder behind.
     fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
     let total: u64 = jobs.iter().map(|j| j.3.steps).sum();
     let bar = if options.progress {

@@ -163,8 +163,9 @@ impl Stress {
             }
         }
         config.fp16_grads |= self.fp16_grads;
+        refuse_outliers_past("stress.outliers", &self.outliers, config.steps)?;
         config.outliers.extend(self.outliers.iter().copied());
-        config.validate()
+        config.validate_before_data()
     }
 }
 
@@ -313,12 +314,17 @@ impl TrainConfig {
         crate::config::refuse_non_finite_toml(&text, "")?;
         let c: TrainConfig = toml::from_str(&text)
             .map_err(|e| KeelError::config("config", format!("{}: {e}", path.display())))?;
-        // The data sets the vocabulary (`Trainer::new`), so a file may leave
-        // it out; everything else is checked now, before any data is read.
-        let mut sized = c.clone();
-        sized.model.vocab_size = sized.model.vocab_size.max(1);
-        sized.validate()?;
+        c.validate_before_data()?;
         Ok(c)
+    }
+
+    /// [`validate`](Self::validate) for a config whose data is not read yet:
+    /// the data sets the vocabulary ([`Trainer::new`]), so `vocab_size` may
+    /// still be 0 (left out of a file); everything else is checked.
+    pub fn validate_before_data(&self) -> Result<()> {
+        let mut sized = self.clone();
+        sized.model.vocab_size = sized.model.vocab_size.max(1);
+        sized.validate()
     }
 
     /// Checks every field; the error names the first bad one.
@@ -339,21 +345,6 @@ impl TrainConfig {
         }
         if self.eval_batches == 0 {
             return Err(KeelError::config("eval_batches", "must be at least 1"));
-        }
-        // An outlier past the end would silently never happen.
-        if let Some((i, o)) = self
-            .outliers
-            .iter()
-            .enumerate()
-            .find(|(_, o)| o.step >= self.steps)
-        {
-            return Err(KeelError::config(
-                format!("outliers[{i}].step"),
-                format!(
-                    "{} is past the last step (steps are 0..{})",
-                    o.step, self.steps
-                ),
-            ));
         }
         if self.warmup_steps > self.steps {
             return Err(KeelError::config(
@@ -611,8 +602,17 @@ impl Trainer {
     /// A fresh run of `config` on `data` (its vocabulary sets the model's).
     ///
     /// Fails with [`KeelError::Memory`] when the run would need more memory
-    /// than the machine has available (see [`crate::memory`]).
-    pub fn new(mut config: TrainConfig, data: &Dataset) -> Result<Self> {
+    /// than the machine has available (see [`crate::memory`]), and on an
+    /// outlier batch at or past the last step, which would never be injected.
+    pub fn new(config: TrainConfig, data: &Dataset) -> Result<Self> {
+        refuse_outliers_past("outliers", &config.outliers, config.steps)?;
+        Self::build(config, data)
+    }
+
+    /// [`Trainer::new`] without the outlier check: a resumed run's outliers
+    /// are checked against the steps it had when it started, and its step
+    /// count may still be raised ([`Trainer::set_steps`]).
+    fn build(mut config: TrainConfig, data: &Dataset) -> Result<Self> {
         config.model.vocab_size = data.vocab().len();
         config.validate()?;
         let model = Gpt::<f32>::new(config.model.clone())?;
@@ -1098,7 +1098,7 @@ impl Trainer {
                 "the data's vocabulary differs from the checkpoint's",
             ));
         }
-        let mut trainer = Trainer::new(ckpt.config.clone(), data)?;
+        let mut trainer = Trainer::build(ckpt.config.clone(), data)?;
         trainer.params = ckpt.tensors(&trainer.model.param_specs(), "")?;
         if trainer.ema.is_some() {
             trainer.ema = Some(ckpt.tensors(&trainer.model.param_specs(), "ema.")?);
@@ -1136,6 +1136,21 @@ impl Trainer {
         self.config.validate()?;
         self.schedule = self.config.unit_schedule();
         Ok(())
+    }
+}
+
+/// Refuses an outlier of `outliers` (the field `field`) at or past step
+/// `steps`: the run would end before injecting it.
+fn refuse_outliers_past(field: &str, outliers: &[Outlier], steps: u64) -> Result<()> {
+    match outliers.iter().position(|o| o.step >= steps) {
+        None => Ok(()),
+        Some(i) => Err(KeelError::config(
+            format!("{field}[{i}].step"),
+            format!(
+                "{} is past the last step (the run's steps are 0..{steps})",
+                outliers[i].step
+            ),
+        )),
     }
 }
 
