@@ -713,7 +713,8 @@ fn cut_metrics(metrics: &std::path::Path, step: u64) -> std::io::Result<()> {
 /// then the flags.
 fn train_config(a: &TrainArgs) -> Result<TrainConfig, KeelError> {
     let mut config = match &a.config {
-        Some(path) => TrainConfig::from_toml_file(path)?,
+        // Checked once the flags are in (below).
+        Some(path) => TrainConfig::parse_toml_file(path)?,
         None => TrainConfig::new(GptConfig::new(65, 64, 2, 4, 64), 1000),
     };
     if let Some(n) = a.n_layer {
@@ -793,6 +794,7 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, KeelError> {
             ),
         ));
     }
+    config.validate_before_data()?;
     Ok(config)
 }
 

@@ -387,10 +387,10 @@ fn resuming_rewrites_metrics_whenever_a_line_is_dropped() {
     assert_eq!(recorded_steps(&metrics), [0, 1]);
 }
 
-/// Outlier batches are checked against the run's final step count: a config
-/// file's outlier past the file's own `steps` is fine when `--steps` extends
-/// the run (and is injected), and an outlier the run would never reach is
-/// refused by the field it came from.
+/// A config file is checked once the flags are in: its outlier batch and its
+/// warmup past the file's own `steps` are fine when `--steps` extends the run
+/// (and the outlier is injected), and an outlier the run would never reach
+/// is refused by the field it came from.
 #[test]
 fn outliers_are_checked_against_the_final_step_count() {
     let dir = tempfile::tempdir().unwrap();
@@ -399,7 +399,7 @@ fn outliers_are_checked_against_the_final_step_count() {
         &toml,
         r#"
 steps = 2
-warmup_steps = 0
+warmup_steps = 3
 batch = 2
 outliers = [{step = 3, kind = "grad_x100"}]
 [model]
@@ -426,8 +426,8 @@ lr = 0.003
         out.to_str().unwrap(),
     );
     assert_refused(
-        &format!("train --config {toml_s} --out {out_s}"),
-        &["`outliers[0].step`: 3 is past the last step (the run's steps are 0..2)"],
+        &format!("train --config {toml_s} --steps 3 --out {out_s}"),
+        &["`outliers[0].step`: 3 is past the last step (the run's steps are 0..3)"],
     );
     assert_refused(
         &format!("train --config {toml_s} --steps 4 --stress {stress_s} --out {out_s}"),

@@ -307,15 +307,26 @@ impl TrainConfig {
         }
     }
 
-    /// Reads a TOML config; errors name the file and the field.
+    /// Reads a TOML config and checks it ([`validate_before_data`]); errors
+    /// name the file and the field.
+    ///
+    /// [`validate_before_data`]: Self::validate_before_data
     pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let c = Self::parse_toml_file(path)?;
+        c.validate_before_data()?;
+        Ok(c)
+    }
+
+    /// Reads a TOML config without checking how its fields fit together, for
+    /// callers that change some first (as `keel train`'s flags do: a file's
+    /// `warmup_steps` may exceed its own `steps` when `--steps` raises them).
+    /// Malformed TOML, unknown keys and non-finite numbers are still errors.
+    pub fn parse_toml_file(path: &Path) -> Result<Self> {
         let text = fs::read_to_string(path)
             .map_err(|e| KeelError::config("config", format!("{}: {e}", path.display())))?;
         crate::config::refuse_non_finite_toml(&text, "")?;
-        let c: TrainConfig = toml::from_str(&text)
-            .map_err(|e| KeelError::config("config", format!("{}: {e}", path.display())))?;
-        c.validate_before_data()?;
-        Ok(c)
+        toml::from_str(&text)
+            .map_err(|e| KeelError::config("config", format!("{}: {e}", path.display())))
     }
 
     /// [`validate`](Self::validate) for a config whose data is not read yet:
