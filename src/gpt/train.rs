@@ -49,7 +49,8 @@ pub enum OutlierKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outlier {
-    /// The 0-based step it replaces.
+    /// The 0-based step it replaces: before the run's last step, or
+    /// [`Trainer::new`] refuses it.
     pub step: u64,
     /// What it is.
     pub kind: OutlierKind,
