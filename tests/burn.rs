@@ -179,3 +179,37 @@ fn unsupported_kinds_are_an_error() -> Res {
     assert!(KeelBurn::new(config).is_err());
     Ok(())
 }
+
+/// A record of another kind is refused, not loaded (AdamW's `exp_avg` used
+/// to become Lion's, unnoticed): each parameter's step is counted as
+/// skipped, with the kinds in the reason, and the next step starts afresh,
+/// as a fresh Lion's does.
+#[test]
+fn a_record_of_another_kind_is_refused() -> Res {
+    let device = Device::default().autodiff();
+    let adamw = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.01}"#)?;
+    let lion = OptimizerConfig::from_json(r#"{"kind": "lion", "lr": 0.01}"#)?;
+    let mut a = KeelBurn::new(adamw)?.init();
+    let model = train(mlp(&device), &mut a, 0..3, 0.01);
+    let keel = KeelBurn::new(lion.clone())?;
+    let mut b = keel.clone().init().from_bytes(a.into_bytes()?)?;
+    let refused = train(model.clone(), &mut b, 3..4, 0.01);
+    assert_eq!(keel.skipped_steps(), 4);
+    let reason = keel.last_skip_reason().unwrap();
+    assert!(
+        reason.contains("`adamw`") && reason.contains("`lion`"),
+        "{reason}"
+    );
+    for (x, y) in params(&refused).iter().zip(params(&model)) {
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+    // The next step is a fresh Lion's first.
+    let after = train(refused, &mut b, 4..5, 0.01);
+    let mut fresh = KeelBurn::new(lion)?.init();
+    let expected = train(model, &mut fresh, 4..5, 0.01);
+    for (x, y) in params(&after).iter().zip(params(&expected)) {
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()));
+    }
+    assert_eq!(keel.skipped_steps(), 4);
+    Ok(())
+}

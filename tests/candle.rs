@@ -226,9 +226,68 @@ fn bad_input_is_an_error() -> Res {
     let err = opt.backward_step(&used.as_tensor().sum_all()?).unwrap_err();
     assert!(err.to_string().contains("var1"), "{err}");
 
-    opt.set_learning_rate(f64::NAN);
+    opt.set_learning_rate(-1.0);
+    assert_eq!(opt.learning_rate(), -1.0, "the rate set, though refused");
     assert!(opt.backward_step(&used.as_tensor().sum_all()?).is_err());
     opt.set_learning_rate(0.5);
     assert_eq!(opt.learning_rate(), 0.5);
+
+    // The same Var twice would be stepped twice: refused by name up front.
+    let twice = Var::from_vec(vec![1f32, 2.0], 2, &Device::Cpu)?;
+    let config = OptimizerConfig::from_json(r#"{"kind": "sgd", "lr": 0.1}"#)?;
+    let err = KeelCandle::new(vec![twice.clone(), twice], config).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("`var0` and `var1` share one storage"),
+        "{err}"
+    );
+    Ok(())
+}
+
+/// A model's worth of Vars steps (the Vars are locked in nested frames; a
+/// few hundred used to overflow a test thread's stack and abort), and each
+/// Var gets its own update: with SGD, lr 0.5, and `loss = sum_i k_i *
+/// sum(v_i)`, Var `i` moves by `-0.5 * k_i` in every element.
+#[test]
+fn thousands_of_vars_step() -> Res {
+    let n = 3000;
+    let vars: Vec<(String, Var)> = (0..n)
+        .map(|i| {
+            Ok((
+                format!("v{i}"),
+                Var::from_vec(vec![1.0f32, 2.0], 2, &Device::Cpu)?,
+            ))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    let weight = |i: usize| (i % 7 + 1) as f32;
+    // A balanced sum, so candle's own backward pass stays shallow.
+    let mut terms: Vec<Tensor> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, (_, v))| v.as_tensor().sum_all()? * weight(i) as f64)
+        .collect::<candle_core::Result<_>>()?;
+    while terms.len() > 1 {
+        terms = terms
+            .chunks(2)
+            .map(|pair| match pair {
+                [a, b] => a + b,
+                [a] => Ok(a.clone()),
+                _ => unreachable!(),
+            })
+            .collect::<candle_core::Result<_>>()?;
+    }
+    let grads = terms[0].backward()?;
+    let config = OptimizerConfig::from_json(r#"{"kind": "sgd", "lr": 0.5}"#)?;
+    let mut opt = KeelCandle::with_names(vars.clone(), config, None)?;
+    let stats = opt.step_with_stats(&grads)?;
+    assert_eq!(stats.skipped, None);
+    for (i, (_, v)) in vars.iter().enumerate() {
+        let k = weight(i);
+        assert_eq!(
+            v.as_tensor().to_vec1::<f32>()?,
+            [1.0 - 0.5 * k, 2.0 - 0.5 * k],
+            "Var {i}"
+        );
+    }
     Ok(())
 }

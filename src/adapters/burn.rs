@@ -8,9 +8,9 @@
 //! state slot ([`KeelBurnState`]) and saved in burn's optimizer record (the
 //! slot names are keel's: `exp_avg`, `exp_avg_sq`, …, plus the step count).
 //! Consequences of that per-parameter structure:
-//! - `clip_global_norm` clips each parameter's gradient by its own norm (use
-//!   burn's `GradientClipping` on the `ModuleOptimizer` for module-wide
-//!   clipping);
+//! - `clip_global_norm` clips each parameter's gradient by its own norm, as
+//!   burn's own `GradientClipping` does: neither clips module-wide (for that,
+//!   scale the `GradientsParams` by the global norm before the step);
 //! - a non-finite gradient skips that parameter's update only (under
 //!   `on_nonfinite = "unchecked"` it is applied, and not counted below);
 //! - parameter groups are burn's: give a second `KeelBurn` (e.g. with
@@ -20,6 +20,9 @@
 //! non-finite gradient) or refuses (the same under `on_nonfinite = "error"`,
 //! a non-`f32` parameter) leaves the parameter and its state unchanged and is
 //! counted in [`KeelBurn::skipped_steps`], with [`KeelBurn::last_skip_reason`].
+//! A loaded record that does not fit the optimizer (another kind, other
+//! slots or shape) is refused the same way, and dropped: that parameter's
+//! next step starts from a fresh state.
 //!
 //! ```
 //! use burn::optim::GradientsParams;
@@ -48,7 +51,7 @@ use burn_pack::Scalar;
 
 use crate::backend::cpu::CpuOptimizer;
 use crate::checkpoint::{StateData, StateDict, StateTensor};
-use crate::config::OptimizerConfig;
+use crate::config::{OptimizerConfig, KINDS};
 use crate::error::{KeelError, Result};
 use crate::group::ParamGroup;
 use crate::optim::{state_slots, Optimizer as _};
@@ -56,6 +59,9 @@ use crate::tensor::ParamSpec;
 
 /// The name of the one parameter in each per-parameter keel optimizer.
 const PARAM: &str = "param";
+/// The record scalar holding the kind (its index in [`KINDS`]), so a
+/// record is not loaded into an optimizer of another kind.
+const RECORD_KIND: &str = "kind";
 
 /// A keel optimizer for burn modules; see the [module docs](self).
 #[derive(Clone, Debug)]
@@ -129,7 +135,16 @@ impl KeelBurn {
     ) -> Result<CpuOptimizer<f32>> {
         match state {
             Some(KeelTensorOptimizer::Live(opt)) => Ok(opt),
-            Some(KeelTensorOptimizer::Loaded(state)) => {
+            Some(KeelTensorOptimizer::Loaded(mut state)) => {
+                // Records written since the kind was recorded name it.
+                if let Some(kind) = state.extra.remove(RECORD_KIND) {
+                    if kind != self.config.kind.name() {
+                        return Err(KeelError::State(format!(
+                            "the recorded state is for `{kind}`, this optimizer is `{}`",
+                            self.config.kind.name()
+                        )));
+                    }
+                }
                 let mut opt = self.fresh(shape.clone())?;
                 let spec = ParamSpec::new(PARAM, shape);
                 let state = StateDict {
@@ -227,7 +242,9 @@ impl burn::optim::Optimizer for KeelBurn {
         let mut opt = match self.tensor_optimizer(state.map(|s| s.opt), param.shape().to_vec()) {
             Ok(opt) => opt,
             Err(e) => {
-                // A recorded state that does not fit: start this parameter afresh.
+                // A recorded state that does not fit: this step is refused
+                // (counted) and the record dropped, so the next one starts
+                // from a fresh state.
                 self.skip(e.to_string());
                 return (Tensor::from_data(param, &device), None);
             }
@@ -279,6 +296,10 @@ impl<const D: usize> RecordState for KeelBurnState<D> {
             return;
         };
         out.push_scalar(prefix, "step", Scalar::from(state.step));
+        // burn records hold numbers and tensors: the kind goes as its index.
+        if let Some(i) = KINDS.iter().position(|k| *k == state.config.kind.name()) {
+            out.push_scalar(prefix, RECORD_KIND, Scalar::from(i as u64));
+        }
         for t in &state.tensors {
             let slot = t.name.rsplit('/').next().unwrap_or(&t.name);
             let data = match &t.data {
@@ -291,6 +312,11 @@ impl<const D: usize> RecordState for KeelBurnState<D> {
 
     fn state_unflatten(prefix: &str, src: &mut StateSource, _device: &Device) -> Option<Self> {
         let step = u64::try_from(src.take_scalar(prefix, "step")?).ok()?;
+        let mut extra = BTreeMap::new();
+        if let Some(i) = src.take_scalar(prefix, RECORD_KIND) {
+            let kind = usize::try_from(u64::try_from(i).ok()?).ok()?;
+            extra.insert(RECORD_KIND.to_string(), KINDS.get(kind)?.to_string());
+        }
         // The kind (hence the slot names) is the optimizer's, unknown here:
         // take whichever of keel's slot names were recorded.
         let mut tensors = Vec::new();
@@ -318,7 +344,7 @@ impl<const D: usize> RecordState for KeelBurnState<D> {
                 groups: vec![ParamGroup::all(std::slice::from_ref(&spec))],
                 specs: vec![spec],
                 tensors,
-                extra: BTreeMap::new(),
+                extra,
             }),
         })
     }

@@ -112,6 +112,19 @@ impl KeelCandle {
             }
             specs.push(ParamSpec::new(name.clone(), var.dims()));
         }
+        // A Var given twice (or two views of one buffer) would be stepped
+        // twice per step; the step refuses it too, but say so here, by name.
+        let mut keys: Vec<(usize, &str)> = vars
+            .iter()
+            .map(|(name, var)| (storage_key(var.as_tensor()), name.as_str()))
+            .collect();
+        keys.sort_unstable();
+        if let Some(w) = keys.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(msg(format!(
+                "keel: `{}` and `{}` share one storage (the same Var twice?)",
+                w[0].1, w[1].1
+            )));
+        }
         let groups = groups.unwrap_or_else(|| vec![ParamGroup::all(&specs)]);
         let inner = match dtype {
             Some(DType::F64) => {
@@ -173,7 +186,8 @@ impl KeelCandle {
         with_inner!(&self.inner, opt => opt.specs())
     }
 
-    /// The keel configuration (its `lr` is the current learning rate).
+    /// The keel configuration (its `lr` is the last valid learning rate set;
+    /// a refused one is kept aside and makes every step an error).
     pub fn config(&self) -> &OptimizerConfig {
         with_inner!(&self.inner, opt => opt.config())
     }
@@ -238,8 +252,10 @@ impl candle_nn::Optimizer for KeelCandle {
         self.step_with_stats(grads).map(|_| ())
     }
 
+    /// The rate last set, even one refused (then every step errors until a
+    /// valid one is set).
     fn learning_rate(&self) -> f64 {
-        self.config().lr()
+        self.bad_lr.unwrap_or_else(|| self.config().lr())
     }
 
     fn set_learning_rate(&mut self, lr: f64) {
@@ -358,8 +374,35 @@ fn step_typed<T: CandleReal>(
         }
     }
     let mut run = |params: &mut [&mut [T]]| opt.step(params, &grad_slices);
-    with_var_slices(vars, Vec::with_capacity(vars.len()), &mut run)?.map_err(wrap)
+    if vars.len() <= NESTED_ON_CALLER {
+        return with_var_slices(vars, Vec::with_capacity(vars.len()), &mut run)?.map_err(wrap);
+    }
+    // The locks nest one stack frame per Var: a model's worth of them would
+    // overflow the caller's stack (an abort, not an error), so they run on a
+    // thread whose stack grows with the count.
+    let stack = NESTED_STACK_BASE.saturating_add(vars.len().saturating_mul(NESTED_STACK_PER_VAR));
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("keel-candle-step".into())
+            .stack_size(stack)
+            .spawn_scoped(scope, || {
+                with_var_slices(vars, Vec::with_capacity(vars.len()), &mut run)
+            })
+            .map_err(|e| msg(format!("keel: cannot start the step's thread: {e}")))?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })?
+    .map_err(wrap)
 }
+
+/// Vars whose nested locks run on the caller's stack (a few KiB each).
+const NESTED_ON_CALLER: usize = 64;
+/// The step thread's stack: this much for the step itself (rayon's workers
+/// have their own stacks) ...
+const NESTED_STACK_BASE: usize = 4 << 20;
+/// ... plus this much per nested lock, well above the ~5 KiB a level takes in
+/// a debug build (untouched stack pages are never committed).
+const NESTED_STACK_PER_VAR: usize = 32 << 10;
 
 type StepFn<'f, T> = dyn FnMut(&mut [&mut [T]]) -> crate::Result<StepStats> + 'f;
 
