@@ -982,8 +982,7 @@ fn kind_from_map(
     ) -> std::result::Result<T, String> {
         serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
             let path = e.path().to_string();
-            let inner = e.into_inner();
-            let inner = inner.to_string();
+            let inner = e.into_inner().to_string();
             // Unknown keys already name themselves.
             if path == "." || inner.contains(&format!("`{path}`")) {
                 inner
