@@ -979,13 +979,17 @@ fn kind_from_map(
 ) -> std::result::Result<OptimizerKind, String> {
     fn settings<T: serde::de::DeserializeOwned>(
         map: serde_json::Map<String, serde_json::Value>,
+        kind: &str,
     ) -> std::result::Result<T, String> {
         serde_path_to_error::deserialize(serde_json::Value::Object(map)).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
-            // Unknown keys already name themselves.
-            if path == "." || inner.contains(&format!("`{path}`")) {
+            if path == "." {
                 inner
+            } else if inner.contains(&format!("`{path}`")) {
+                // An unknown key names itself; say whose settings it is not
+                // among (it is often another kind's).
+                format!("{inner} (the settings of `{kind}`)")
             } else {
                 format!("`{path}`: {inner}")
             }
@@ -997,15 +1001,15 @@ fn kind_from_map(
         None => return Err(format!("missing `kind` (one of {})", KINDS.join(", "))),
     };
     Ok(match name.as_str() {
-        "sgd" => OptimizerKind::Sgd(settings(map)?),
-        "adam" => OptimizerKind::Adam(settings(map)?),
-        "adamw" => OptimizerKind::AdamW(settings(map)?),
-        "lamb" => OptimizerKind::Lamb(settings(map)?),
-        "lars" => OptimizerKind::Lars(settings(map)?),
-        "lion" => OptimizerKind::Lion(settings(map)?),
-        "muon" => OptimizerKind::Muon(settings(map)?),
-        "shampoo" => OptimizerKind::Shampoo(settings(map)?),
-        "soap" => OptimizerKind::Soap(settings(map)?),
+        "sgd" => OptimizerKind::Sgd(settings(map, "sgd")?),
+        "adam" => OptimizerKind::Adam(settings(map, "adam")?),
+        "adamw" => OptimizerKind::AdamW(settings(map, "adamw")?),
+        "lamb" => OptimizerKind::Lamb(settings(map, "lamb")?),
+        "lars" => OptimizerKind::Lars(settings(map, "lars")?),
+        "lion" => OptimizerKind::Lion(settings(map, "lion")?),
+        "muon" => OptimizerKind::Muon(settings(map, "muon")?),
+        "shampoo" => OptimizerKind::Shampoo(settings(map, "shampoo")?),
+        "soap" => OptimizerKind::Soap(settings(map, "soap")?),
         other => {
             return Err(format!(
                 "unknown kind `{other}` (one of {})",

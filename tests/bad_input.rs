@@ -225,7 +225,7 @@ fn unparsable_configs_name_the_problem() {
     // A key of another kind is an unknown key here.
     assert_err_mentions(
         OptimizerConfig::from_json(r#"{"kind":"lion","lr":0.1,"eps":1e-8}"#),
-        &["eps"],
+        &["unknown field `eps`", "(the settings of `lion`)"],
     );
     assert_err_mentions(OptimizerConfig::from_json("not json"), &["optimizer"]);
     // serde_json directly gives the same messages.
