@@ -825,7 +825,7 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
             } else {
                 format!("{}.{key}", self.path)
             };
-            let UniqueValue(value) = access.next_value_seed(UniqueValue::at(path.clone()))?;
+            let value = access.next_value_seed(ValueAt { path: path.clone() })?;
             if map.contains_key(&key) {
                 return Err(A::Error::custom(format!("`{path}` is given twice")));
             }
@@ -835,103 +835,94 @@ impl<'de> serde::de::Visitor<'de> for UniqueKeys {
     }
 }
 
-/// A setting's value, read with [`UniqueKeys`] for nested maps too (Shampoo's
-/// `grafting`), so a key given twice is refused at every depth.
-struct UniqueValue(serde_json::Value);
-
-impl UniqueValue {
-    /// The seed that reads the value at `path`.
-    fn at(path: String) -> UniqueValueSeed {
-        UniqueValueSeed { path }
-    }
-}
-
-/// Reads a [`UniqueValue`] that sits at `path` in the config.
-struct UniqueValueSeed {
+/// Reads the setting's value at `path` in the config, with [`UniqueKeys`]
+/// for nested maps too (Shampoo's `grafting`), so a key given twice is
+/// refused at every depth.
+struct ValueAt {
     path: String,
 }
 
-impl<'de> serde::de::DeserializeSeed<'de> for UniqueValueSeed {
-    type Value = UniqueValue;
+impl<'de> serde::de::DeserializeSeed<'de> for ValueAt {
+    type Value = serde_json::Value;
 
     fn deserialize<D: Deserializer<'de>>(
         self,
         deserializer: D,
-    ) -> std::result::Result<UniqueValue, D::Error> {
+    ) -> std::result::Result<serde_json::Value, D::Error> {
         deserializer.deserialize_any(self)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for UniqueValueSeed {
-    type Value = UniqueValue;
+impl<'de> serde::de::Visitor<'de> for ValueAt {
+    type Value = serde_json::Value;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("a setting's value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> std::result::Result<UniqueValue, E> {
-        Ok(UniqueValue(v.into()))
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<serde_json::Value, E> {
+        Ok(v.into())
     }
 
-    fn visit_i64<E>(self, v: i64) -> std::result::Result<UniqueValue, E> {
-        Ok(UniqueValue(v.into()))
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<serde_json::Value, E> {
+        Ok(v.into())
     }
 
-    fn visit_u64<E>(self, v: u64) -> std::result::Result<UniqueValue, E> {
-        Ok(UniqueValue(v.into()))
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<serde_json::Value, E> {
+        Ok(v.into())
     }
 
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<UniqueValue, E> {
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> std::result::Result<serde_json::Value, E> {
         // JSON values hold no NaN or infinity: refuse one here rather than
         // let it turn into `null`, which reads as "not set".
         serde_json::Number::from_f64(v)
-            .map(|n| UniqueValue(serde_json::Value::Number(n)))
+            .map(serde_json::Value::Number)
             .ok_or_else(|| E::custom(format!("`{}` must be finite, got {v}", self.path)))
     }
 
-    fn visit_str<E>(self, v: &str) -> std::result::Result<UniqueValue, E> {
-        Ok(UniqueValue(v.into()))
+    fn visit_str<E>(self, v: &str) -> std::result::Result<serde_json::Value, E> {
+        Ok(v.into())
     }
 
-    fn visit_string<E>(self, v: String) -> std::result::Result<UniqueValue, E> {
-        Ok(UniqueValue(v.into()))
+    fn visit_string<E>(self, v: String) -> std::result::Result<serde_json::Value, E> {
+        Ok(v.into())
     }
 
-    fn visit_unit<E>(self) -> std::result::Result<UniqueValue, E> {
-        Ok(UniqueValue(serde_json::Value::Null))
+    fn visit_unit<E>(self) -> std::result::Result<serde_json::Value, E> {
+        Ok(serde_json::Value::Null)
     }
 
-    fn visit_none<E>(self) -> std::result::Result<UniqueValue, E> {
-        Ok(UniqueValue(serde_json::Value::Null))
+    fn visit_none<E>(self) -> std::result::Result<serde_json::Value, E> {
+        Ok(serde_json::Value::Null)
     }
 
     fn visit_some<D: Deserializer<'de>>(
         self,
         deserializer: D,
-    ) -> std::result::Result<UniqueValue, D::Error> {
+    ) -> std::result::Result<serde_json::Value, D::Error> {
         deserializer.deserialize_any(self)
     }
 
     fn visit_seq<A: serde::de::SeqAccess<'de>>(
         self,
         mut access: A,
-    ) -> std::result::Result<UniqueValue, A::Error> {
+    ) -> std::result::Result<serde_json::Value, A::Error> {
         let mut items = Vec::new();
-        while let Some(UniqueValue(v)) =
-            access.next_element_seed(UniqueValue::at(format!("{}[{}]", self.path, items.len())))?
-        {
+        while let Some(v) = access.next_element_seed(ValueAt {
+            path: format!("{}[{}]", self.path, items.len()),
+        })? {
             items.push(v);
         }
-        Ok(UniqueValue(serde_json::Value::Array(items)))
+        Ok(serde_json::Value::Array(items))
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(
         self,
         access: A,
-    ) -> std::result::Result<UniqueValue, A::Error> {
+    ) -> std::result::Result<serde_json::Value, A::Error> {
         UniqueKeys { path: self.path }
             .visit_map(access)
-            .map(|m| UniqueValue(serde_json::Value::Object(m)))
+            .map(serde_json::Value::Object)
     }
 }
 
