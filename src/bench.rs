@@ -31,6 +31,16 @@ pub enum BenchDtype {
     Bf16,
 }
 
+impl BenchDtype {
+    /// The name `keel bench --dtype` takes: `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchDtype::F32 => "f32",
+            BenchDtype::Bf16 => "bf16",
+        }
+    }
+}
+
 /// Where `keel bench` runs the step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -317,6 +327,18 @@ pub(crate) fn check_steps(field: &str, steps: usize) -> Result<()> {
     Ok(())
 }
 
+/// Checks a benchmark's warm-up step count (`field` names it in the error):
+/// 0 is fine, more than [`MAX_TIMED_STEPS`] is a typo.
+pub(crate) fn check_warmup(field: &str, warmup: usize) -> Result<()> {
+    if warmup > MAX_TIMED_STEPS {
+        return Err(KeelError::config(
+            field,
+            format!("must be at most {MAX_TIMED_STEPS}, got {warmup}"),
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) fn check_options(opts: &BenchOptions) -> Result<()> {
     if opts.params == 0 || opts.tensors == 0 || opts.tensors > opts.params {
         return Err(KeelError::config(
@@ -328,6 +350,7 @@ pub(crate) fn check_options(opts: &BenchOptions) -> Result<()> {
         ));
     }
     check_steps("bench.steps", opts.steps)?;
+    check_warmup("bench.warmup", opts.warmup)?;
     // The per-tensor lists (sizes, names and shapes) come before the buffers.
     let per_tensor = std::mem::size_of::<ParamSpec>() as u128 + 64;
     crate::memory::ensure_fits(
@@ -588,6 +611,7 @@ pub fn run_model_on(
     device: BenchDevice,
 ) -> Result<ModelBenchReport> {
     check_steps("bench.steps", steps)?;
+    check_warmup("bench.warmup", warmup)?;
     config.validate()?;
     let specs = model.specs();
     let (frequency, start) = match &config.kind {

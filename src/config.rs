@@ -619,7 +619,7 @@ impl OptimizerConfig {
         let adam_like = |beta1, beta2, eps, weight_decay| -> Result<()> {
             unit_interval(&f("beta1"), beta1)?;
             unit_interval(&f("beta2"), beta2)?;
-            non_negative(&f("eps"), eps)?;
+            divisor_eps(&f("eps"), eps)?;
             non_negative(&f("weight_decay"), weight_decay)
         };
         match &self.kind {
@@ -656,7 +656,7 @@ impl OptimizerConfig {
             OptimizerKind::Muon(c) => {
                 unit_interval(&f("momentum"), c.momentum)?;
                 non_negative(&f("weight_decay"), c.weight_decay)?;
-                non_negative(&f("eps"), c.eps)?;
+                divisor_eps(&f("eps"), c.eps)?;
                 require(
                     &f("ns_steps"),
                     c.ns_steps as f64,
@@ -670,6 +670,17 @@ impl OptimizerConfig {
                         x.is_finite(),
                         "finite",
                     )?;
+                }
+                if let Some((sigma, out)) = ns_divergence(c.ns_coefficients, c.ns_steps) {
+                    return Err(KeelError::config(
+                        f("ns_coefficients"),
+                        format!(
+                            "{:?} do not orthogonalize: {} Newton–Schulz steps take the \
+                             singular value {sigma} of the normalized momentum to {out:e} \
+                             (they should end near 1; a sign typo?)",
+                            c.ns_coefficients, c.ns_steps
+                        ),
+                    ));
                 }
             }
             OptimizerKind::Shampoo(c) => {
@@ -795,6 +806,34 @@ fn non_negative(field: &str, x: f64) -> Result<()> {
 
 fn positive(field: &str, x: f64) -> Result<()> {
     require(field, x, x.is_finite() && x > 0.0, "finite and > 0")
+}
+
+/// Where Muon's iteration `X <- aX + b(XXᵀ)X + c(XXᵀ)²X` sends a singular
+/// value `σ` in [0, 1] (the momentum is normalized first) past 100, or to a
+/// non-finite value, after `steps` steps: `Some((σ, image))` of the first
+/// such `σ` on a grid of 1001, `None` when the coefficients keep every one
+/// bounded. (Orthogonalizing coefficients end near 1; a diverging set would
+/// turn the step into ±inf or NaN from finite gradients.)
+fn ns_divergence([a, b, c]: [f64; 3], steps: u32) -> Option<(f64, f64)> {
+    (0..=1000).map(|i| i as f64 / 1000.0).find_map(|sigma| {
+        let mut x: f64 = sigma;
+        for _ in 0..steps {
+            let s = x * x;
+            x *= a + b * s + c * s * s;
+        }
+        (x.is_nan() || x.abs() > 100.0).then_some((sigma, x))
+    })
+}
+
+/// An epsilon added to a divisor that is 0 where the gradient is (Adam's
+/// `sqrt(v)`, Muon's matrix norm): at 0 such an element would be 0 / 0.
+fn divisor_eps(field: &str, x: f64) -> Result<()> {
+    require(
+        field,
+        x,
+        x.is_finite() && x > 0.0,
+        "finite and > 0 (at 0, an element whose gradient is 0 would become 0 / 0 = NaN)",
+    )
 }
 
 const SHARED_KEYS: [&str; 3] = ["clip_global_norm", "clip_value", "on_nonfinite"];

@@ -141,7 +141,8 @@ pub fn load_case(path: &Path) -> Result<Case> {
     }
     let n = case.params.len();
     for p in &case.params {
-        if p.init.len() != p.shape.iter().product::<usize>() {
+        let numel = p.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        if numel != Some(p.init.len()) {
             return Err(err(format!(
                 "param `{}`: init length does not match shape {:?}",
                 p.name, p.shape
@@ -181,16 +182,7 @@ pub fn case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in paths {
         if path.is_dir() {
-            let entries = std::fs::read_dir(path).map_err(|e| KeelError::Case {
-                path: path.clone(),
-                message: format!("cannot list: {e}"),
-            })?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "json"))
-                .collect();
-            found.sort();
-            files.extend(found);
+            json_files_under(path, &mut files)?;
         } else if path.exists() {
             files.push(path.clone());
         } else {
@@ -200,7 +192,28 @@ pub fn case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             });
         }
     }
+    // A file named twice (or inside a folder also named) runs once.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|f| seen.insert(std::fs::canonicalize(f).unwrap_or_else(|_| f.clone())));
     Ok(files)
+}
+
+/// Appends the `*.json` files under `dir` and its subfolders, in name order.
+fn json_files_under(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
+    let entries = std::fs::read_dir(dir).map_err(|e| KeelError::Case {
+        path: dir.to_path_buf(),
+        message: format!("cannot list: {e}"),
+    })?;
+    let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    found.sort();
+    for path in found {
+        if path.is_dir() {
+            json_files_under(&path, files)?;
+        } else if path.extension().is_some_and(|x| x == "json") {
+            files.push(path);
+        }
+    }
+    Ok(())
 }
 
 /// `||a - b|| / ||b||` (or `||a - b||` when `b` is zero); infinite when the

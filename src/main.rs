@@ -62,7 +62,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a tiny GPT under spike-inducing settings with several optimizer
-    /// and guard arms over several seeds; writes runs/<name>/report.md.
+    /// and guard arms over several seeds; writes runs/spike-lab-<preset>/report.md
+    /// (or <out>/report.md).
     #[command(allow_negative_numbers = true)]
     SpikeLab {
         /// default (a few minutes), smoke (< 60 s), full (4x128, 5 seeds),
@@ -98,7 +99,8 @@ enum Command {
     /// Print text sampled from a checkpoint written by `keel train`.
     #[command(allow_negative_numbers = true)]
     Sample {
-        /// The checkpoint folder.
+        /// The checkpoint folder (`<out>/checkpoint` of `keel train`; the
+        /// run folder `<out>` or the model file inside also work).
         checkpoint: PathBuf,
         /// Characters to generate.
         #[arg(long, default_value_t = 300)]
@@ -131,8 +133,8 @@ enum Command {
         /// elements, as 1024-wide matrices).
         #[arg(long, default_value = "adamw")]
         optimizer: String,
-        /// A full optimizer config as JSON (overrides --optimizer).
-        #[arg(long)]
+        /// A full optimizer config as JSON (instead of --optimizer).
+        #[arg(long, conflicts_with = "optimizer")]
         config: Option<String>,
         /// Total parameters.
         #[arg(long, default_value_t = 10_000_000)]
@@ -223,9 +225,10 @@ struct TrainArgs {
     #[arg(long)]
     lr: Option<f64>,
     /// Optimizer kind for every tensor (adamw, lamb, shampoo, ...) at the
-    /// same lr, clipping and non-finite policy, its other hyperparameters
-    /// at their defaults; `muon` means Muon on hidden matrices and AdamW on
-    /// the rest.
+    /// same lr, clipping and non-finite policy; a kind other than the
+    /// config's gets its other hyperparameters at their defaults (the
+    /// config's own kind keeps them). `muon` means Muon on hidden matrices
+    /// and AdamW on the rest.
     #[arg(long)]
     optimizer: Option<String>,
     /// Sequences per micro-batch.
@@ -269,7 +272,8 @@ struct TrainArgs {
     /// Output folder: metrics.jsonl and the checkpoint/ folder.
     #[arg(long, default_value = "runs/train")]
     out: PathBuf,
-    /// Save a checkpoint every this many steps (and at the end).
+    /// Save a checkpoint every this many steps (0: only at the end; a run
+    /// interrupted with Ctrl-C or SIGTERM also saves one before it stops).
     #[arg(long, default_value_t = 0)]
     checkpoint_every: u64,
     /// Continue from <out>/checkpoint with its config; only --steps (more
@@ -408,7 +412,7 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             seed,
             prompt,
         } => {
-            let mut ckpt = ModelCheckpoint::read(&checkpoint)?;
+            let mut ckpt = ModelCheckpoint::read(&checkpoint_folder(&checkpoint))?;
             let mut model = keel::gpt::Gpt::<f32>::new(ckpt.config.model.clone())?;
             let params = ckpt.tensors(&model.param_specs(), "")?;
             let vocab: Vec<char> = ckpt.vocab.chars().collect();
@@ -443,6 +447,9 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 let flushed = written.and_then(|()| if c == '\n' { out.flush() } else { Ok(()) });
                 flushed.unwrap_or_else(|e| stdout_failed(e));
                 Ok(())
+            })
+            .map_err(|e| {
+                named_by_flags(e, &[("temperature", "--temperature"), ("chars", "--chars")])
             })?;
             out.write_all(b"\n")
                 .and_then(|()| out.flush())
@@ -529,8 +536,15 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                     " (on_nonfinite unchecked: no gradient scan)"
                 };
                 println!(
-                    "{} {:?} on {}{check}: {} params in {} tensor(s), {} threads, median of {} steps",
-                    r.optimizer, r.dtype, r.device, r.params, r.tensors, r.threads, r.steps
+                    "{} {} on {}{check}: {} params in {} tensor(s), {} threads, median of {} step{}",
+                    r.optimizer,
+                    r.dtype.name(),
+                    r.device,
+                    r.params,
+                    r.tensors,
+                    r.threads,
+                    r.steps,
+                    if r.steps == 1 { "" } else { "s" }
                 );
                 println!(
                     "  step   {:9.3} ms  (min {:.3} ms)",
@@ -560,7 +574,19 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
     let out_err = |path: &std::path::Path, e: std::io::Error| {
         KeelError::config("--out", format!("{}: {e}", path.display()))
     };
+    let has_checkpoint = ckpt_dir.join("model.safetensors").exists();
     let (mut trainer, data) = if a.resume {
+        if !has_checkpoint {
+            return Err(KeelError::config(
+                "--resume",
+                format!(
+                    "{} holds no checkpoint to continue from (a run saves one at its end, \
+                     every --checkpoint-every steps, and when stopped by Ctrl-C); pass \
+                     --overwrite to start the run over",
+                    ckpt_dir.display()
+                ),
+            ));
+        }
         // The checkpoint's config decides everything but the step count.
         let (block_size, at) = {
             let ckpt = ModelCheckpoint::read(&ckpt_dir)?;
@@ -573,29 +599,62 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
             ));
         }
         let data = dataset(block_size)?;
-        let mut t = Trainer::load(&ckpt_dir, &data)?;
+        let mut t = Trainer::load(&ckpt_dir, &data).map_err(|e| match e {
+            KeelError::Config { field, message } if field == "data" && a.data.is_none() => {
+                KeelError::config(
+                    field,
+                    format!("{message}; pass the --data file the run was trained on"),
+                )
+            }
+            other => other,
+        })?;
         if let Some(s) = a.steps {
+            let (old_steps, before) = (t.config().steps, t.config().unit_schedule().lr_at(at));
             t.set_steps(s)?;
+            let after = t.config().unit_schedule().lr_at(at);
+            // A decaying schedule restretched over the new length: say so
+            // (the lr may rise again where the old one had decayed).
+            if (after - before).abs() > 1e-9 * before.abs().max(1e-12) {
+                eprintln!(
+                    "note: the lr schedule now spans {s} steps: its factor at step {at} is \
+                     {after:.4} (the {old_steps}-step schedule had {before:.4})"
+                );
+            }
         }
         cut_metrics(&metrics, t.step()).map_err(|e| out_err(&metrics, e))?;
         (t, data)
     } else {
         let config = train_config(&a)?;
-        let earlier = [metrics.clone(), ckpt_dir.join("model.safetensors")];
         if !a.overwrite {
-            if let Some(found) = earlier.iter().find(|p| p.exists()) {
-                return Err(KeelError::config(
-                    "--out",
-                    format!(
-                        "{} holds a run ({}); pass --resume to continue it or \
-                         --overwrite to replace it",
-                        a.out.display(),
-                        found.display()
-                    ),
+            let refused = |what: String| Err(KeelError::config("--out", what));
+            if has_checkpoint {
+                return refused(format!(
+                    "{} holds a run (its checkpoint is in {}); pass --resume to continue \
+                     it or --overwrite to replace it",
+                    a.out.display(),
+                    ckpt_dir.display()
+                ));
+            }
+            if metrics.exists() {
+                return refused(format!(
+                    "{} holds the metrics of a run that stopped before saving a checkpoint \
+                     ({}); pass --overwrite to replace it",
+                    a.out.display(),
+                    metrics.display()
                 ));
             }
         }
         let data = dataset(config.model.block_size)?;
+        let (given, symbols) = (config.model.vocab_size, data.vocab().len());
+        if given != 0 && given != symbols {
+            return Err(KeelError::config(
+                "model.vocab_size",
+                format!(
+                    "{given}, but the data has {symbols} distinct characters; leave \
+                     `vocab_size` out (the data sets it)"
+                ),
+            ));
+        }
         let trainer = Trainer::new(config, &data)?;
         if a.overwrite {
             // The old checkpoint goes now: if the new run stopped before its
@@ -616,8 +675,29 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
         ));
     }
     std::fs::create_dir_all(&ckpt_dir).map_err(|e| out_err(&ckpt_dir, e))?;
+    trainer.write_tensor_names(&a.out.join("tensors.json"))?;
     let total = trainer.config().steps;
+    // Ctrl-C (or SIGTERM) stops the run after the step in flight, with a
+    // checkpoint; a second one stops it at once.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let handler = ctrlc::set_handler(move || {
+        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step (Ctrl-C again to stop at once)");
+    });
+    if let Err(e) = handler {
+        eprintln!("warning: Ctrl-C will stop the run without a checkpoint: {e}");
+    }
     let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} steps, eta {eta} {msg}",
+        )
+        .map_err(|e| KeelError::State(e.to_string()))?
+        .progress_chars("=> "),
+    );
     bar.set_position(trainer.step());
     let mut log = std::fs::OpenOptions::new()
         .create(true)
@@ -626,8 +706,11 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
         .truncate(!a.resume)
         .open(&metrics)
         .map_err(|e| out_err(&metrics, e))?;
-    while trainer.step() < total {
+    let first_step = trainer.step();
+    let mut skipped = 0u64;
+    while trainer.step() < total && !stop.load(std::sync::atomic::Ordering::SeqCst) {
         let rec = trainer.train_step(&data)?;
+        skipped += u64::from(rec.skipped);
         use std::io::Write;
         let line = serde_json::to_string(&rec).map_err(|e| KeelError::State(e.to_string()))?;
         writeln!(log, "{line}").map_err(|e| out_err(&metrics, e))?;
@@ -648,13 +731,54 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
     }
     bar.finish_and_clear();
     trainer.save(&ckpt_dir, &data)?;
+    let ran = trainer.step() - first_step;
+    if skipped > 0 {
+        eprintln!(
+            "warning: {skipped} of the {ran} steps of this run changed nothing (a \
+             non-finite gradient, the loss guard or a loss-scale overflow; `skipped` in {})",
+            metrics.display()
+        );
+    }
+    if trainer.step() < total {
+        eprintln!(
+            "stopped at step {} of {total}; checkpoint {}; continue with --resume",
+            trainer.step(),
+            ckpt_dir.display()
+        );
+        // 128 + SIGINT, as a shell reports a run stopped by Ctrl-C.
+        return Ok(ExitCode::from(130));
+    }
     let val = trainer.evaluate(&data)?;
     println!(
         "{} steps, final val loss {val:.4}; checkpoint {}",
         trainer.step(),
         ckpt_dir.display()
     );
+    // Uniform guessing scores ln(vocabulary): a model worse than that (or
+    // not finite) has diverged rather than learned.
+    let uniform = (data.vocab().len() as f64).ln();
+    if val.is_nan() || val > uniform {
+        eprintln!(
+            "warning: the final val loss is worse than a uniform guess (ln {} = \
+             {uniform:.4}): the run diverged; try a lower --lr or --clip",
+            data.vocab().len()
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The checkpoint folder `path` names: the folder itself, the run folder of
+/// `keel train` holding it (`<out>`), or the model file inside it.
+fn checkpoint_folder(path: &std::path::Path) -> PathBuf {
+    let inside = path.join("checkpoint");
+    if path.is_file() {
+        path.parent().map(PathBuf::from).unwrap_or_default()
+    } else if !path.join("model.safetensors").exists() && inside.join("model.safetensors").exists()
+    {
+        inside
+    } else {
+        path.to_path_buf()
+    }
 }
 
 /// Removes the files of a `keel train` checkpoint from `dir` (its model file
@@ -748,7 +872,10 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, KeelError> {
                 "kind": "muon", "lr": lr, "adjust_lr": "match_rms_adamw"
             }))?);
         } else {
-            config.optimizer = with_shared(serde_json::json!({ "kind": kind, "lr": lr }))?;
+            // Naming the config's own kind keeps its settings.
+            if old.kind.name() != kind.as_str() {
+                config.optimizer = with_shared(serde_json::json!({ "kind": kind, "lr": lr }))?;
+            }
             config.matrix_optimizer = None;
         }
     }
@@ -794,7 +921,42 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, KeelError> {
             ),
         ));
     }
-    config.validate_before_data()?;
+    config.validate_before_data().map_err(|e| {
+        // A bad value a flag set is named by the flag.
+        let given = [
+            ("block_size", "--seq-len", a.seq_len.is_some()),
+            ("n_layer", "--n-layer", a.n_layer.is_some()),
+            ("n_embd", "--n-embd", a.n_embd.is_some()),
+            ("steps", "--steps", a.steps.is_some()),
+            ("batch", "--batch", a.batch.is_some()),
+            ("grad_accum", "--grad-accum", a.grad_accum.is_some()),
+            ("warmup_steps", "--warmup", a.warmup.is_some()),
+            ("ema_decay", "--ema", a.ema.is_some()),
+            ("clip_global_norm", "--clip", a.clip.is_some()),
+            (
+                "layer_lr_decay",
+                "--layer-lr-decay",
+                a.layer_lr_decay.is_some(),
+            ),
+        ];
+        let flags: Vec<(&str, &str)> = given
+            .iter()
+            .filter(|g| g.2)
+            .map(|&(field, flag, _)| (field, flag))
+            .collect();
+        match named_by_flags(e, &flags) {
+            // The flags' model has 4 heads, which no flag changes.
+            KeelError::Config { field, message } if field == "--n-embd" && a.config.is_none() => {
+                KeelError::config(
+                    field,
+                    format!(
+                        "{message} (the heads of the flags' model; a --config file sets n_head)"
+                    ),
+                )
+            }
+            other => other,
+        }
+    })?;
     Ok(config)
 }
 
@@ -832,6 +994,7 @@ fn conformance_command(paths: &[PathBuf]) -> Result<ExitCode, KeelError> {
 /// The library's names of the fields `keel bench` flags set.
 const BENCH_FLAGS: &[(&str, &str)] = &[
     ("bench.steps", "--steps"),
+    ("bench.warmup", "--warmup"),
     ("bench.params", "--params"),
     ("bench", "--params, --tensors"),
 ];
@@ -853,6 +1016,7 @@ fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
             e,
             &[
                 ("bench-gpt.steps", "--steps"),
+                ("bench-gpt.warmup", "--warmup"),
                 ("block_size", "--seq-len"),
                 ("vocab_size", "--vocab-size"),
                 ("n_layer", "--n-layer"),
@@ -866,13 +1030,13 @@ fn bench_gpt_command(a: GptBenchArgs) -> Result<ExitCode, KeelError> {
         print_json(&r)?;
     } else {
         println!(
-            "gpt f32 B={} T={} C={} L={} H={} V={} ({} params), {} threads, median of {} steps",
+            "gpt f32 B={} T={} C={} L={} H={} V={} ({} params), {} threads, median of {} step(s)",
             r.batch,
             r.seq_len,
-            a.n_embd,
-            a.n_layer,
-            a.n_head,
-            a.vocab_size,
+            r.n_embd,
+            r.n_layer,
+            r.n_head,
+            r.vocab_size,
             r.params,
             r.threads,
             r.steps

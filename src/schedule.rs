@@ -85,8 +85,9 @@ impl Schedule {
                 if into_decay < stable_steps {
                     return peak_lr;
                 }
-                let progress =
-                    ((into_decay - stable_steps + 1) as f64 / decay_steps.max(1) as f64).min(1.0);
+                let progress = ((into_decay - stable_steps).saturating_add(1) as f64
+                    / decay_steps.max(1) as f64)
+                    .min(1.0);
                 peak_lr + (final_lr - peak_lr) * progress
             }
         }

@@ -138,6 +138,21 @@ fn other_out_of_range_hyperparameters_are_refused() {
             &format!("{kind}.eps"),
         );
     }
+    // An eps that divides: 0 would turn a zero gradient into 0 / 0.
+    for kind in ["adam", "adamw", "lamb", "muon", "soap"] {
+        let e = parse(&format!(r#"{{"kind":"{kind}","lr":0.1,"eps":0.0}}"#))
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("`{kind}.eps`")) && e.contains("0 / 0"),
+            "{e}"
+        );
+    }
+    // LARS's trust ratio is 1 where a norm is 0, so its eps may be 0.
+    parse(r#"{"kind":"lars","lr":0.1,"eps":0.0}"#)
+        .validate()
+        .unwrap();
     for kind in keel::config::KINDS {
         let c = parse(&format!(
             r#"{{"kind":"{kind}","lr":0.1,"weight_decay":-0.1}}"#
@@ -913,4 +928,38 @@ fn negative_graft_accumulators_are_refused() {
         &["b/graft", "element 0", "negative"],
     );
     CpuOptimizer::<f64>::from_state_dict(&negated("b/exp_avg")).unwrap();
+}
+
+/// Newton–Schulz coefficients that blow up instead of orthogonalizing are
+/// refused (the step would write ±inf or NaN from finite gradients); the
+/// published sets pass at any step count.
+#[test]
+fn diverging_newton_schulz_coefficients_are_refused() {
+    for coeffs in [
+        "[3.4445, 4.775, 2.0315]",
+        "[1e200, 0, 0]",
+        "[3.0, 0.0, 0.0]",
+    ] {
+        let c = parse(&format!(
+            r#"{{"kind":"muon","lr":0.02,"ns_coefficients":{coeffs}}}"#
+        ));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("`muon.ns_coefficients`") && e.contains("do not orthogonalize"),
+            "{coeffs}: {e}"
+        );
+    }
+    for coeffs in [
+        "[3.4445, -4.775, 2.0315]",
+        "[1.5, -0.5, 0.0]",
+        "[2.0, -1.5, 0.5]",
+    ] {
+        for steps in [1, 5, 100] {
+            parse(&format!(
+                r#"{{"kind":"muon","lr":0.02,"ns_steps":{steps},"ns_coefficients":{coeffs}}}"#
+            ))
+            .validate()
+            .unwrap();
+        }
+    }
 }

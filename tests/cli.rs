@@ -116,6 +116,58 @@ fn bad_counts_name_the_flag() {
         "train --lr NaN --steps 2 --warmup 0 --out /nonexistent/keel-cli",
         &["`--lr`: must be finite and >= 0, got NaN (as `adamw.lr`)"],
     );
+    // `train`'s flags name themselves too (the library says `block_size`,
+    // `batch`, ...), and the model's fixed head count is explained.
+    for (flags, needle) in [
+        ("--seq-len 0", "`--seq-len`: must be at least 1"),
+        ("--batch 0", "`--batch`: must be at least 1"),
+        ("--grad-accum 0", "`--grad-accum`: must be at least 1"),
+        ("--ema 1", "`--ema`: must lie in [0, 1), got 1"),
+        ("--clip 0", "`--clip`: must be finite and > 0, got 0"),
+        (
+            "--warmup 5 --steps 3",
+            "`--warmup`: 5 is longer than steps 3",
+        ),
+        (
+            "--n-embd 15",
+            "`--n-embd`: 15 is not divisible by n_head = 4 (the heads of the flags' \
+             model; a --config file sets n_head)",
+        ),
+    ] {
+        assert_refused(
+            &format!("train {flags} --out /nonexistent/keel-cli"),
+            &[needle],
+        );
+    }
+    assert_refused(
+        "bench --optimizer adamw --params 10 --steps 1 --warmup 100000000",
+        &["`--warmup`: must be at most 1000000, got 100000000"],
+    );
+    assert_refused(
+        "bench-gpt --warmup 100000000",
+        &["`--warmup`: must be at most 1000000, got 100000000"],
+    );
+    // A spike lab too short for the detector to judge any step.
+    assert_refused(
+        "spike-lab --steps 119 --out /nonexistent/keel-cli",
+        &[
+            "`--steps`: must be at least 120, got 119",
+            "100-step warm-up",
+        ],
+    );
+}
+
+/// `--config` replaces `--optimizer` in `bench`: both together are refused
+/// (clap's conflict, status 2), not one silently dropped.
+#[test]
+fn bench_refuses_an_optimizer_and_a_config_together() {
+    let (code, stderr) =
+        keel(r#"bench --optimizer lion --config {"kind":"sgd","lr":0.1} --params 10 --steps 1"#);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--config") && stderr.contains("--optimizer"),
+        "{stderr}"
+    );
 }
 
 /// A negative number is a value, not a flag: it reaches keel's own checks,
@@ -453,4 +505,249 @@ lr = 0.003
             (4, "repeated_char".to_string())
         ]
     );
+}
+
+/// Runs `keel` with `args`; panics with its stderr unless it succeeds, and
+/// returns stdout and stderr.
+fn keel_output(args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .output()
+        .expect("the keel binary runs");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "keel {args:?}: {stderr}");
+    (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+}
+
+/// Ctrl-C (SIGINT) stops `keel train` after the step in flight with a
+/// checkpoint of exactly the steps in metrics.jsonl, and status 130; the
+/// folder then names `--resume`, which continues the run. A folder with
+/// metrics but no checkpoint says there is nothing to resume.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_run_saves_a_checkpoint_to_resume_from() {
+    use keel::gpt::train::ModelCheckpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "train",
+            "--steps",
+            "1000000",
+            "--warmup",
+            "1",
+            "--seq-len",
+            "16",
+        ])
+        .args(["--n-embd", "16", "--n-layer", "1", "--out", out_s])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let started = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(started.elapsed().as_secs() < 120, "no steps recorded");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the child's pid, which it still holds (not reaped).
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("continue with --resume"), "{stderr}");
+    let at = ModelCheckpoint::read(&out.join("checkpoint")).unwrap().step;
+    assert_eq!(recorded_steps(&metrics), (0..at).collect::<Vec<_>>());
+    assert_refused(
+        &format!("train --steps 4 --warmup 1 --out {out_s}"),
+        &["`--out`", "its checkpoint is in", "--resume"],
+    );
+    // A longer run stretches the schedule, and says so.
+    let more = (at + 2).to_string();
+    let (_, stderr) = keel_output(&["train", "--resume", "--steps", &more, "--out", out_s]);
+    assert!(
+        stderr.contains(&format!("note: the lr schedule now spans {more} steps")),
+        "{stderr}"
+    );
+    assert_eq!(recorded_steps(&metrics), (0..at + 2).collect::<Vec<_>>());
+
+    // Metrics of a run that never saved: no `--resume` to offer.
+    let bare = dir.path().join("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::write(bare.join("metrics.jsonl"), "").unwrap();
+    let bare_s = bare.to_str().unwrap();
+    assert_refused(
+        &format!("train --steps 4 --warmup 1 --out {bare_s}"),
+        &["stopped before saving a checkpoint", "--overwrite"],
+    );
+    assert_refused(
+        &format!("train --resume --out {bare_s}"),
+        &["`--resume`", "holds no checkpoint", "--overwrite"],
+    );
+}
+
+/// `keel train` names the per-tensor entries of metrics.jsonl in
+/// tensors.json, `sample` takes the run folder or the model file as well as
+/// the checkpoint folder, and `--optimizer` naming the config's own kind
+/// keeps its settings.
+#[test]
+fn train_writes_its_tensor_names_and_sample_finds_the_checkpoint() {
+    use keel::gpt::train::ModelCheckpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    train_tiny(out_s, "2", "1", &[]);
+    let names: Vec<String> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tensors.json")).unwrap()).unwrap();
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["tensor_grad_norm"].as_array().unwrap().len(),
+        names.len()
+    );
+    let ckpt = out.join("checkpoint");
+    let model =
+        keel::gpt::Gpt::<f32>::new(ModelCheckpoint::read(&ckpt).unwrap().config.model).unwrap();
+    let want: Vec<String> = model.param_specs().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, want);
+
+    let sample = |path: &std::path::Path| {
+        keel_output(&[
+            "sample",
+            path.to_str().unwrap(),
+            "--chars",
+            "20",
+            "--seed",
+            "3",
+        ])
+        .0
+    };
+    let text = sample(&ckpt);
+    assert_eq!(sample(&out), text);
+    assert_eq!(sample(&ckpt.join("model.safetensors")), text);
+
+    // The default optimizer is AdamW (beta2 0.95, weight decay 0.1): naming
+    // it changes nothing.
+    let named = dir.path().join("named");
+    train_tiny(named.to_str().unwrap(), "2", "1", &["--optimizer", "adamw"]);
+    let config = |run: &std::path::Path| {
+        ModelCheckpoint::read(&run.join("checkpoint"))
+            .unwrap()
+            .config
+            .optimizer
+    };
+    assert_eq!(config(&named), config(&out));
+}
+
+/// A config file's `vocab_size` that the data contradicts is refused (it
+/// used to be replaced silently), and a run that blew up says so.
+#[test]
+fn train_flags_a_contradicting_vocabulary_and_a_diverged_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("run.toml");
+    let body = "steps = 3\nbatch = 2\n[model]\nvocab_size = 30\nblock_size = 16\n\
+                n_layer = 1\nn_head = 2\nn_embd = 16\n[optimizer]\nkind = \"adamw\"\nlr = 0.001\n";
+    std::fs::write(&toml, body).unwrap();
+    let out = dir.path().join("run");
+    assert_refused(
+        &format!("train --config {} --out {}", toml.display(), out.display()),
+        &["`model.vocab_size`: 30, but the data has 65 distinct characters"],
+    );
+    let (stdout, stderr) = keel_output(&[
+        "train",
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1000",
+        "--steps",
+        "30",
+        "--warmup",
+        "1",
+        "--seq-len",
+        "16",
+        "--n-embd",
+        "16",
+        "--n-layer",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("30 steps, final val loss"), "{stdout}");
+    assert!(
+        stderr.contains("of the 30 steps of this run changed nothing"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("worse than a uniform guess (ln 65"),
+        "{stderr}"
+    );
+}
+
+/// A spike lab into a folder that holds an earlier one replaces that lab's
+/// files (a run folder of an arm not run now, a heatmap not drawn now) and
+/// nothing else; arms may be listed with spaces; a report without plain
+/// AdamW says so; and the preset's outliers past `--steps` are named.
+#[test]
+fn spike_lab_replaces_an_earlier_lab_and_reports_what_it_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lab");
+    for run in ["adamw-seed0", "shampoo-seed0", "L2C64-lamb-seed1"] {
+        std::fs::create_dir_all(out.join(run)).unwrap();
+        std::fs::write(out.join(run).join("metrics.jsonl"), "{}\n").unwrap();
+    }
+    std::fs::write(out.join("shampoo-seed0").join("mine.txt"), "keep").unwrap();
+    std::fs::write(out.join("update_ratio_heatmap.png"), "old").unwrap();
+    std::fs::write(out.join("notes.txt"), "keep").unwrap();
+    keel_output(&[
+        "spike-lab",
+        "--preset",
+        "smoke",
+        "--steps",
+        "120",
+        "--arms",
+        "lamb, adamw+clip1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let mut left: Vec<String> = walk(&out);
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            "adamw_clip1-seed0/metrics.jsonl",
+            "adamw_clip1-seed0/tensors.json",
+            "lamb-seed0/metrics.jsonl",
+            "lamb-seed0/tensors.json",
+            "loss_curves.png",
+            "loss_curves.svg",
+            "notes.txt",
+            "report.md",
+            "shampoo-seed0/mine.txt",
+        ]
+    );
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "Plain AdamW was not among the arms: nothing to compare with.",
+        "Plain AdamW was not among the arms: no heatmap.",
+        "The preset's outlier batches at or past step 120 were left out: GradX100 at 120.",
+        "no outlier batches.",
+    ] {
+        assert!(report.contains(needle), "{needle:?} missing:\n{report}");
+    }
+}
+
+/// The files under `dir`, as paths relative to it.
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.is_dir() {
+            found.extend(walk(&path).into_iter().map(|f| format!("{name}/{f}")));
+        } else {
+            found.push(name);
+        }
+    }
+    found
 }

@@ -1022,3 +1022,36 @@ fn stochastic_rounding_is_deterministic_per_seed() {
     assert_eq!(bits(&a), bits(&b), "same seed, different rounding");
     assert_ne!(bits(&a), bits(&c), "different seeds, same rounding");
 }
+
+#[test]
+fn schedules_hold_their_end_value_up_to_the_last_step_index() {
+    // The step counter may run far past a schedule; the rate stays at its
+    // end value, without overflow, up to u64::MAX.
+    let schedules = [
+        (
+            Schedule::Wsd {
+                peak_lr: 1.0,
+                warmup_steps: 0,
+                stable_steps: 0,
+                decay_steps: 1,
+                final_lr: 0.1,
+            },
+            0.1,
+        ),
+        (
+            Schedule::WarmupCosine {
+                peak_lr: 1.0,
+                warmup_steps: 10,
+                total_steps: 100,
+                final_lr: 0.1,
+            },
+            0.1,
+        ),
+        (Schedule::Constant { lr: 0.5 }, 0.5),
+    ];
+    for (s, end) in schedules {
+        for step in [1000, u64::MAX - 1, u64::MAX] {
+            assert!((s.lr_at(step) - end).abs() < 1e-15, "{s:?} at {step}");
+        }
+    }
+}

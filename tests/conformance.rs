@@ -121,3 +121,19 @@ fn cases_that_check_too_little_fail() {
     assert_eq!(conformance::relative_error(&[1.0], &[]), f64::INFINITY);
     assert_eq!(conformance::relative_error(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
 }
+
+/// A folder is searched with its subfolders (`tests/data` holds the
+/// optimizer cases and the GPT golden files), and a file named twice, or
+/// also inside a named folder, is listed once.
+#[test]
+fn case_files_walk_subfolders_once_each() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let one = case_dir().join("adamw_torch_public.json");
+    let files = conformance::case_files(&[data.clone(), one.clone(), one]).unwrap();
+    let mut expected = conformance::case_files(&[case_dir()]).unwrap();
+    expected.extend(conformance::case_files(&[data.join("gpt-golden")]).unwrap());
+    assert!(expected
+        .iter()
+        .any(|f| f.starts_with(data.join("gpt-golden"))));
+    assert_eq!(files, expected);
+}

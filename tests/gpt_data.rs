@@ -127,3 +127,33 @@ fn splitmix_is_deterministic_and_roughly_normal() {
     );
     assert!((0..1000).all(|_| a.below(7) < 7));
 }
+
+/// Batch shapes of 0, or too large to count, are errors before anything is
+/// allocated or divided (a `seq_len` of 0 used to divide by zero).
+#[test]
+fn unusable_batch_shapes_are_errors() {
+    let data = Dataset::tiny_shakespeare(16).unwrap();
+    let field = |e: KeelError| match e {
+        KeelError::Config { field, .. } => field,
+        other => panic!("{other}"),
+    };
+    assert_eq!(field(data.val_batches(1, 2, 0).unwrap_err()), "seq_len");
+    assert_eq!(field(data.val_batches(1, 0, 4).unwrap_err()), "batch");
+    let mut rng = SplitMix64::new(1);
+    assert_eq!(
+        field(data.train_batch(&mut rng, 2, 0).unwrap_err()),
+        "seq_len"
+    );
+    // b x t overflows: refused by name; a window longer than the split is
+    // a data error naming the split.
+    assert_eq!(
+        field(data.train_batch(&mut rng, usize::MAX, 2).unwrap_err()),
+        "batch"
+    );
+    let e = data.val_batches(1, 1, usize::MAX).unwrap_err().to_string();
+    assert!(e.contains("validation split"), "{e}");
+    let e = Dataset::from_text("abcdefghijklmnopqrstuvwxyz", usize::MAX)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("too short"), "{e}");
+}

@@ -137,4 +137,28 @@ fn sampling_streams_the_same_ids_as_the_full_history() {
     });
     assert!(r.is_err());
     assert_eq!(seen, 10);
+
+    // A diverged run's parameters are refused by name, before any id.
+    let mut bad = params.clone();
+    bad[2][7] = f32::NAN;
+    let name = model.param_specs()[2].name.clone();
+    let mut emitted = 0;
+    let e = keel::gpt::train::sample_with(&mut model, &bad, &prompt, 5, 0.9, 11, |_| {
+        emitted += 1;
+        Ok(())
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains(&format!("`{name}`")) && e.contains("NaN at element 7"),
+        "{e}"
+    );
+    assert_eq!(emitted, 0);
+    // Finite parameters whose logits overflow f32 are refused too.
+    let mut huge = params.clone();
+    for p in huge.iter_mut() {
+        p.iter_mut().for_each(|x| *x *= 1e12);
+    }
+    let e = keel::gpt::train::sample(&mut model, &huge, &prompt, 5, 0.0, 11).unwrap_err();
+    assert!(e.to_string().contains("logit"), "{e}");
 }

@@ -684,6 +684,34 @@ fn bad_configuration_is_an_error_naming_the_field() {
         }),
         "loss_scale.min_scale"
     );
+    // Scales whose reciprocal is no normal f32 (unscaling gives inf or 0).
+    assert_eq!(
+        l(LossScalerConfig {
+            min_scale: 1e-300,
+            init_scale: 1e-300,
+            ..d
+        }),
+        "loss_scale.min_scale"
+    );
+    assert_eq!(
+        l(LossScalerConfig {
+            max_scale: 1e300,
+            ..d
+        }),
+        "loss_scale.max_scale"
+    );
+    // A scale below 1 that overflows the gradients while unscaling says so.
+    let s = DynamicLossScaler::new(LossScalerConfig {
+        min_scale: 1e-3,
+        init_scale: 1e-3,
+        ..d
+    })
+    .unwrap();
+    let mut big = [1e37f32, 1.0];
+    assert!(s.unscale(&mut [&mut big[..]]));
+    let mut fine = [1e30f32, 1.0];
+    assert!(!s.unscale(&mut [&mut fine[..]]));
+    assert_eq!(fine, [1e33, 1e3]);
 
     let g = |c: LossGuardConfig| field(LossGuard::<f32>::new(c).unwrap_err());
     let d = LossGuardConfig::default();
@@ -787,4 +815,55 @@ fn rollback_works_for_bf16_params_with_f32_master_weights() {
     assert_eq!(master, want_master);
     assert_eq!(state_bits(&opt.state_dict().unwrap()), want_state);
     assert_eq!(opt.step_count(), 2);
+}
+
+#[test]
+fn zclip_with_no_spread_after_warmup_passes_norms_until_it_has_one() {
+    // Five zero norms: mean 0, variance 0. A z-score rule would clip every
+    // later norm to 0 (factor 0) and keep the variance at 0 for good.
+    let mut z = ZClip::new(ZClipConfig {
+        warmup_steps: 5,
+        ..Default::default()
+    })
+    .unwrap();
+    for _ in 0..5 {
+        z.observe(0.0);
+    }
+    let first = z.observe(6.0);
+    assert_eq!((first.factor, first.z), (1.0, None));
+    // alpha 0.97: mean 0.03 * 6 = 0.18, variance 0.03 * 5.82^2.
+    let (mean, var) = (z.mean().unwrap(), z.variance().unwrap());
+    assert!((mean - 0.18).abs() < 1e-12, "{mean}");
+    assert!((var - 0.03 * 5.82f64.powi(2)).abs() < 1e-12, "{var}");
+    // With a spread, the z-score rule is back: a huge norm is clipped to
+    // mean + 2.5 sd, a small one passes.
+    let big = z.observe(1e3);
+    let target = 0.18 + 2.5 * var.sqrt();
+    assert!((big.clipped_norm - target).abs() < 1e-9, "{big:?}");
+    assert!(big.z.unwrap() > 2.5);
+    assert_eq!(z.observe(0.1).factor, 1.0);
+}
+
+#[test]
+fn spam_with_a_mismatched_gradient_clips_none() {
+    let config = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.001}"#).unwrap();
+    let specs = vec![ParamSpec::new("a", [3]), ParamSpec::new("b", [3])];
+    let mut opt = CpuOptimizer::<f64>::new(config, specs).unwrap();
+    let (mut a, mut b) = ([0.0f64; 3], [0.0f64; 3]);
+    opt.step(
+        &mut [&mut a[..], &mut b[..]],
+        &[&[1.0; 3][..], &[1.0; 3][..]],
+    )
+    .unwrap();
+    let mut spam = Spam::new(SpamConfig::default()).unwrap();
+    // `a`'s gradient would be clipped (1e6² far above theta v), but `b`'s
+    // has 2 elements against 3: nothing may be written.
+    let (mut ga, mut gb) = ([1e6f64; 3], [1.0f64; 2]);
+    let e = spam
+        .clip_grads(&opt, &mut [&mut ga[..], &mut gb[..]])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`b`") && e.contains("2 elements"), "{e}");
+    assert_eq!(ga, [1e6; 3]);
+    assert_eq!(spam.clipped_total(), 0);
 }

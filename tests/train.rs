@@ -418,3 +418,62 @@ fn outliers_past_the_last_step_are_refused() {
         "stress.outliers[0].step"
     );
 }
+
+/// Settings that used to fail late, or change the config while failing,
+/// are refused up front and leave everything as it was.
+#[test]
+fn late_failures_are_refused_up_front() {
+    use keel::gpt::train::Stress;
+    use keel::guard::LossScalerConfig;
+    // A validation split shorter than the context: refused by `Trainer::new`,
+    // not at the first evaluation after every step was trained.
+    let small = Dataset::from_text(&keel::gpt::data::TINY_SHAKESPEARE[..400], 16).unwrap();
+    let mut c = TrainConfig::new(GptConfig::new(0, 64, 1, 2, 8), 3);
+    c.warmup_steps = 0;
+    let e = Trainer::new(c.clone(), &small).err().unwrap().to_string();
+    assert!(
+        e.contains("`model.block_size`") && e.contains("validation split has 40 tokens"),
+        "{e}"
+    );
+
+    // A failed `set_steps` keeps the step count and schedule.
+    let data = Dataset::tiny_shakespeare(16).unwrap();
+    let mut c = TrainConfig::new(GptConfig::new(65, 16, 1, 2, 8), 30);
+    c.warmup_steps = 10;
+    let mut t = Trainer::new(c.clone(), &data).unwrap();
+    assert!(t.set_steps(5).is_err());
+    assert_eq!(t.config().steps, 30);
+    t.set_steps(40).unwrap();
+    assert_eq!(t.config().steps, 40);
+
+    // A loss scaler without f16 gradients would do nothing.
+    let mut scaled = c.clone();
+    scaled.loss_scaler = Some(LossScalerConfig::default());
+    let e = scaled.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("`loss_scaler`") && e.contains("fp16_grads"),
+        "{e}"
+    );
+    scaled.fp16_grads = true;
+    scaled.validate().unwrap();
+
+    // A stress refused at its last check leaves the config untouched.
+    let stress = Stress {
+        lr_mult: 2.0,
+        warmup_steps: Some(100),
+        ..Stress::default()
+    };
+    let mut target = c.clone();
+    assert!(stress.apply(&mut target).is_err());
+    assert_eq!(target, c);
+
+    // Evaluation batches are counted in the memory check: 2^40 of them
+    // (2^40 x 16 x 16 x 8 bytes) are refused before training.
+    #[cfg(target_os = "linux")]
+    {
+        let mut many = c.clone();
+        many.eval_batches = 1 << 40;
+        let e = Trainer::new(many, &data).err().unwrap();
+        assert!(matches!(e, keel::KeelError::Memory { .. }), "{e:?}");
+    }
+}

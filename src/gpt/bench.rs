@@ -27,6 +27,14 @@ pub struct GptBenchOptions {
 /// Timing of a forward + backward step in f32.
 #[derive(Debug, Clone, Serialize)]
 pub struct GptBenchReport {
+    /// Width C.
+    pub n_embd: usize,
+    /// Blocks L.
+    pub n_layer: usize,
+    /// Heads H.
+    pub n_head: usize,
+    /// Vocabulary V.
+    pub vocab_size: usize,
     /// Parameters of the model.
     pub params: usize,
     /// Batch size.
@@ -52,6 +60,7 @@ pub struct GptBenchReport {
 /// gradients and activations exceed the memory the machine has available.
 pub fn run(opts: &GptBenchOptions) -> Result<GptBenchReport> {
     crate::bench::check_steps("bench-gpt.steps", opts.steps)?;
+    crate::bench::check_warmup("bench-gpt.warmup", opts.warmup)?;
     let mut model = Gpt::<f32>::new(opts.config.clone())?;
     let param_bytes = 2 * model.num_params() as u128 * std::mem::size_of::<f32>() as u128;
     crate::memory::ensure_fits(
@@ -80,6 +89,10 @@ pub fn run(opts: &GptBenchOptions) -> Result<GptBenchReport> {
     times.sort_by(f64::total_cmp);
     let ms = times[times.len() / 2];
     Ok(GptBenchReport {
+        n_embd: opts.config.n_embd,
+        n_layer: opts.config.n_layer,
+        n_head: opts.config.n_head,
+        vocab_size: opts.config.vocab_size,
         params: model.num_params(),
         batch: b,
         seq_len: t,

@@ -182,7 +182,7 @@ impl Dataset {
         let mut ids = vocab.encode(text)?;
         let n_train = ids.len() * 9 / 10;
         let val = ids.split_off(n_train);
-        let need = seq_len + 1;
+        let need = seq_len.saturating_add(1);
         if ids.len() < need || val.len() < need {
             return Err(KeelError::Data(format!(
                 "the text is too short: {} characters give train/val splits of {}/{}, \
@@ -190,7 +190,7 @@ impl Dataset {
                 ids.len() + val.len(),
                 ids.len(),
                 val.len(),
-                10 * need
+                need.saturating_mul(10)
             )));
         }
         Ok(Dataset {
@@ -218,8 +218,9 @@ impl Dataset {
     /// A training batch of `b` windows at uniformly random offsets drawn
     /// from `rng` (the same seed gives the same batches).
     pub fn train_batch(&self, rng: &mut SplitMix64, b: usize, t: usize) -> Result<Batch> {
-        let mut batch = empty_batch(b, t)?;
+        check_batch(b, t)?;
         check_fits(&self.train, t, "train")?;
+        let mut batch = empty_batch(b, t)?;
         let starts = (self.train.len() - t) as u64;
         for row in 0..b {
             let s = rng.below(starts) as usize;
@@ -232,6 +233,7 @@ impl Dataset {
     /// consecutive non-overlapping windows from the start of the validation
     /// split, wrapping around when it is shorter than `n * b` windows.
     pub fn val_batches(&self, n: usize, b: usize, t: usize) -> Result<Vec<Batch>> {
+        check_batch(b, t)?;
         check_fits(&self.val, t, "validation")?;
         let windows = (self.val.len() - 1) / t;
         (0..n)
@@ -247,27 +249,41 @@ impl Dataset {
     }
 }
 
-fn empty_batch(b: usize, t: usize) -> Result<Batch> {
+/// Refuses batch dimensions of 0, or whose product overflows.
+fn check_batch(b: usize, t: usize) -> Result<()> {
     if b == 0 {
         return Err(KeelError::config("batch", "must be at least 1"));
     }
     if t == 0 {
         return Err(KeelError::config("seq_len", "must be at least 1"));
     }
+    if b.checked_mul(t).is_none() {
+        return Err(KeelError::config(
+            "batch",
+            format!("{b} x {t} positions overflow"),
+        ));
+    }
+    Ok(())
+}
+
+/// A zeroed batch of checked dimensions ([`check_batch`]).
+fn empty_batch(b: usize, t: usize) -> Result<Batch> {
+    let n = b * t;
     Ok(Batch {
         batch: b,
         seq_len: t,
-        tokens: vec![0; b * t],
-        targets: vec![0; b * t],
+        tokens: crate::memory::try_filled(n, 0, "a batch's tokens")?,
+        targets: crate::memory::try_filled(n, 0, "a batch's targets")?,
     })
 }
 
+/// Refuses a split too short for one window of `t` tokens and its targets.
 fn check_fits(split: &[u32], t: usize, name: &str) -> Result<()> {
-    if split.len() < t + 1 {
+    if split.len() <= t {
         return Err(KeelError::Data(format!(
             "the {name} split has {} tokens, fewer than seq_len + 1 = {}",
             split.len(),
-            t + 1
+            t as u128 + 1
         )));
     }
     Ok(())

@@ -372,15 +372,27 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
         }
         lab.seeds = n;
     }
+    let detector = SpikeDetectorConfig::default();
+    // The preset's outlier batches a shorter run never reaches (the report
+    // names them).
+    let mut dropped_outliers = Vec::new();
     if let Some(s) = options.steps {
-        if s < 20 {
+        // At least 20 steps past the detector's warm-up, or no step of the
+        // run could be judged a spike.
+        let least = detector.warmup + 20;
+        if s < least {
             return Err(KeelError::config(
                 "--steps",
-                format!("must be at least 20, got {s}"),
+                format!(
+                    "must be at least {least}, got {s} (the spike detector judges only the \
+                     steps after its {}-step warm-up)",
+                    detector.warmup
+                ),
             ));
         }
         lab.base.steps = s;
-        lab.stress.outliers.retain(|o| o.step < s);
+        (lab.stress.outliers, dropped_outliers) =
+            lab.stress.outliers.iter().partition(|o| o.step < s);
     }
     if let Some(arms) = &options.arms {
         if arms.is_empty() {
@@ -399,6 +411,7 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     }
     if let Some(stress) = &options.stress {
         lab.stress = stress.clone();
+        dropped_outliers.clear();
     }
     if let Some(m) = options.lr_mult {
         lab.stress.lr_mult = m;
@@ -429,7 +442,9 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     }
     // Only now that every run's config is checked: a lab refused by its
     // settings leaves no output folder behind.
-    fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+    fs::create_dir_all(&dir)
+        .map_err(|e| KeelError::config("out", format!("cannot create `{}`: {e}", dir.display())))?;
+    clear_earlier_lab(&dir)?;
     let total: u64 = jobs.iter().map(|j| j.3.steps).sum();
     let bar = if options.progress {
         let b = ProgressBar::new(total);
@@ -447,7 +462,6 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     let done = Mutex::new(0usize);
     let n_jobs = jobs.len();
     let ln_v = (data.vocab().len() as f64).ln();
-    let detector = SpikeDetectorConfig::default();
     let outlier_steps: Vec<usize> = lab
         .stress
         .outliers
@@ -462,6 +476,7 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
             let run_dir = dir.join(run_name(arm, size, seed, lab.sizes.len() > 1));
             fs::create_dir_all(&run_dir).map_err(|e| io_err(&run_dir, e))?;
             let mut trainer = Trainer::new(config, &data)?;
+            trainer.write_tensor_names(&run_dir.join("tensors.json"))?;
             let layer_names = trainer.layer_names();
             let summary =
                 trainer.run(&data, Some(&run_dir.join("metrics.jsonl")), |_| bar.inc(1))?;
@@ -488,7 +503,7 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     let results: Vec<RunResult> = results.into_iter().collect::<Result<_>>()?;
     let rows = table_rows(&lab, &results);
     let table = markdown_table(&rows, lab.sizes.len() > 1);
-    let report = write_report(&lab, &dir, &results, &rows, &table, ln_v)?;
+    let report = write_report(&lab, &dir, &results, &rows, &table, ln_v, &dropped_outliers)?;
     Ok(LabReport {
         dir,
         report,
@@ -514,6 +529,8 @@ impl std::str::FromStr for Arm {
     type Err = KeelError;
 
     fn from_str(s: &str) -> Result<Self> {
+        // "adamw, lamb" splits into " lamb": spaces are not part of a name.
+        let s = s.trim();
         Arm::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
             let names: Vec<&str> = Arm::ALL.iter().map(|a| a.name()).collect();
             KeelError::config(
@@ -531,6 +548,57 @@ fn run_name(arm: Arm, size: (usize, usize), seed: u64, sized: bool) -> String {
     } else {
         format!("{arm}-seed{seed}")
     }
+}
+
+/// Removes what an earlier lab wrote to `dir` (its report, figures and run
+/// folders' files), so the folder shows this lab alone; files keel did not
+/// write stay, and so does a run folder holding any.
+fn clear_earlier_lab(dir: &Path) -> Result<()> {
+    let entries = fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+    let figures = [
+        "report.md",
+        "loss_curves.svg",
+        "loss_curves.png",
+        "update_ratio_heatmap.svg",
+        "update_ratio_heatmap.png",
+    ];
+    for entry in entries {
+        let path = entry.map_err(|e| io_err(dir, e))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if figures.contains(&name) && path.is_file() {
+            fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
+        } else if is_run_name(name) && path.is_dir() {
+            for file in ["metrics.jsonl", "tensors.json"] {
+                let file = path.join(file);
+                if file.is_file() {
+                    fs::remove_file(&file).map_err(|e| io_err(&file, e))?;
+                }
+            }
+            // Fails, and is meant to, when the folder holds other files.
+            let _ = fs::remove_dir(&path);
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` is a folder name [`run_name`] gives: `[L<l>C<c>-]<arm>-seed<k>`.
+fn is_run_name(name: &str) -> bool {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let Some((head, seed)) = name.rsplit_once("-seed") else {
+        return false;
+    };
+    let arm = match head.split_once('-') {
+        Some((size, arm))
+            if size
+                .strip_prefix('L')
+                .and_then(|s| s.split_once('C'))
+                .is_some_and(|(l, c)| digits(l) && digits(c)) =>
+        {
+            arm
+        }
+        _ => head,
+    };
+    digits(seed) && Arm::ALL.iter().any(|a| a.name().replace('+', "_") == arm)
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> KeelError {
@@ -659,7 +727,7 @@ fn verdict(row: &ArmRow, base: &ArmRow) -> (&'static str, String) {
     } else if row.spikes == base.spikes && !better_val && !worse_val {
         "about the same as"
     } else {
-        "mixed compared with"
+        "mixed against"
     };
     let fmt = |x: f64| {
         if x.is_finite() {
@@ -671,10 +739,16 @@ fn verdict(row: &ArmRow, base: &ArmRow) -> (&'static str, String) {
     // The deciding reason first, so a reader sees why without applying the rule.
     let reason = if row.diverged != base.diverged {
         "diverged seeds decide"
+    } else if row.spikes < base.spikes && worse_val {
+        "fewer spike events, but a final val loss more than 0.02 worse"
+    } else if row.spikes > base.spikes && better_val {
+        "more spike events, but a final val loss more than 0.02 better"
     } else if row.spikes != base.spikes {
         "spike events decide"
     } else if better_val || worse_val {
         "as many spike events; final val loss decides"
+    } else if row.diverged == row.seeds && base.diverged == base.seeds {
+        "as many spike events, every seed of both diverged"
     } else {
         "as many spike events, val loss within 0.02"
     };
@@ -685,8 +759,8 @@ fn verdict(row: &ArmRow, base: &ArmRow) -> (&'static str, String) {
     (
         verdict,
         format!(
-            "({reason}) {} spike events vs {}, {}/{} diverged vs {}/{}, final val loss {} vs {}{recovery}",
-            row.spikes,
+            "({reason}): {} vs {}, {}/{} diverged vs {}/{}, final val loss {} vs {}{recovery}",
+            spike_events(row.spikes),
             base.spikes,
             row.diverged,
             row.seeds,
@@ -698,6 +772,11 @@ fn verdict(row: &ArmRow, base: &ArmRow) -> (&'static str, String) {
     )
 }
 
+/// "1 spike event", "2 spike events".
+fn spike_events(n: usize) -> String {
+    format!("{n} spike event{}", if n == 1 { "" } else { "s" })
+}
+
 fn write_report(
     lab: &LabConfig,
     dir: &Path,
@@ -705,6 +784,7 @@ fn write_report(
     rows: &[ArmRow],
     table: &str,
     ln_v: f64,
+    dropped_outliers: &[Outlier],
 ) -> Result<PathBuf> {
     let sized = lab.sizes.len() > 1;
     let mut md = String::new();
@@ -725,6 +805,14 @@ fn write_report(
             .join(", "),
         describe_stress(&lab.stress, &lab.base)
     );
+    if !dropped_outliers.is_empty() {
+        let _ = writeln!(
+            md,
+            "The preset's outlier batches at or past step {} were left out: {}.\n",
+            lab.base.steps,
+            describe_outliers(dropped_outliers)
+        );
+    }
     let _ = writeln!(
         md,
         "A spike is a step whose training loss exceeds the mean of the previous 100 losses \
@@ -736,6 +824,12 @@ fn write_report(
     );
     let _ = writeln!(md, "## Results\n\n{table}");
     let _ = writeln!(md, "## Compared with plain AdamW\n");
+    if !lab.arms.contains(&Arm::AdamW) {
+        let _ = writeln!(
+            md,
+            "Plain AdamW was not among the arms: nothing to compare with."
+        );
+    }
     for &size in &lab.sizes {
         let Some(base) = rows
             .iter()
@@ -748,12 +842,16 @@ fn write_report(
         }
         let _ = writeln!(
             md,
-            "- plain AdamW spiked in {}/{} seeds ({} events) and diverged in {}/{}.",
-            base.seeds_with_spikes, base.seeds, base.spikes, base.diverged, base.seeds
+            "- plain AdamW spiked in {}/{} seeds ({}) and diverged in {}/{}.",
+            base.seeds_with_spikes,
+            base.seeds,
+            spike_events(base.spikes),
+            base.diverged,
+            base.seeds
         );
         for r in rows.iter().filter(|r| r.size == size && r.arm != base.arm) {
             let (word, why) = verdict(r, base);
-            let _ = writeln!(md, "- **{}** did {word} plain AdamW: {why}.", r.arm);
+            let _ = writeln!(md, "- **{}**: {word} plain AdamW {why}.", r.arm);
         }
     }
     let _ = writeln!(
@@ -813,17 +911,24 @@ fn write_report(
         ylim,
         plot::Format::Png,
     )?;
+    let outliers = if lab.stress.outliers.is_empty() {
+        "no outlier batches".to_string()
+    } else {
+        format!(
+            "outlier batches at steps {}",
+            lab.stress
+                .outliers
+                .iter()
+                .map(|o| format!("{} ({:?})", o.step, o.kind))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     let _ = writeln!(
         md,
         "## Loss curves (seed 0)\n\nTraining loss per step, 5-step mean (NaN/Inf dropped), clipped at ln(V) + 1; \
-         outlier batches at steps {}.\n\n![loss curves](loss_curves.svg)\n\n\
+         {outliers}.\n\n![loss curves](loss_curves.svg)\n\n\
          ([PNG](loss_curves.png); legend order: {})\n",
-        lab.stress
-            .outliers
-            .iter()
-            .map(|o| format!("{} ({:?})", o.step, o.kind))
-            .collect::<Vec<_>>()
-            .join(", "),
         curves
             .iter()
             .enumerate()
@@ -872,6 +977,9 @@ fn write_report(
                 "{}",
                 heatmap_table(&r.layer_names, &r.summary.layer_update_ratio, start)
             );
+        }
+        None if !lab.arms.contains(&Arm::AdamW) => {
+            let _ = writeln!(md, "Plain AdamW was not among the arms: no heatmap.\n");
         }
         None => {
             let _ = writeln!(md, "Plain AdamW did not spike in any seed: no heatmap.\n");
@@ -959,12 +1067,17 @@ fn describe_stress(s: &Stress, base: &TrainConfig) -> String {
     if !s.outliers.is_empty() {
         parts.push(format!(
             "outlier batches: {}",
-            s.outliers
-                .iter()
-                .map(|o| format!("{:?} at {}", o.kind, o.step))
-                .collect::<Vec<_>>()
-                .join(", ")
+            describe_outliers(&s.outliers)
         ));
     }
     parts.join(", ")
+}
+
+/// "GradX100 at 150, RandomChars at 200".
+fn describe_outliers(outliers: &[Outlier]) -> String {
+    outliers
+        .iter()
+        .map(|o| format!("{:?} at {}", o.kind, o.step))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

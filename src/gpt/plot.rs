@@ -1,7 +1,9 @@
 //! The spike lab's figures with `plotters`: loss curves and an update-ratio
-//! heatmap, as SVG or PNG, both with captions, axis labels and legends in a
-//! bundled font (a 20 KB subset of DejaVu Sans, `assets/fonts/`), so a
-//! figure looks the same on every machine, fonts installed or not.
+//! heatmap, as SVG or PNG, with captions, axis labels and legends. Text is
+//! laid out with a bundled font (a 20 KB subset of DejaVu Sans,
+//! `assets/fonts/`), so a figure draws on every machine, fonts installed or
+//! not: a PNG's text is drawn in it; an SVG names the family `sans-serif`
+//! and its viewer draws the text in its own sans-serif font.
 
 use std::path::Path;
 use std::sync::OnceLock;
@@ -67,13 +69,19 @@ fn plot_err(path: &Path, e: impl std::fmt::Display) -> KeelError {
 }
 
 /// Draws `(name, losses)` series (5-step means, NaN/Inf gaps dropped, values
-/// clipped at `ymax`) to `path`.
+/// clipped at `ymax`) to `path`. Errors on a `ymax` that is not finite.
 pub fn loss_curves(
     path: &Path,
     series: &[(String, Vec<f64>)],
     ymax: f64,
     format: Format,
 ) -> Result<()> {
+    if !ymax.is_finite() {
+        return Err(KeelError::config(
+            "ymax",
+            format!("the loss axis needs a finite top, got {ymax}"),
+        ));
+    }
     ensure_font()?;
     let size = (840, 420);
     match format {
@@ -141,6 +149,7 @@ fn draw_curves<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc("step")
         .y_desc("loss")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .light_line_style(WHITE)
         .draw()?;
     for (i, (name, losses)) in series.iter().enumerate() {
@@ -166,7 +175,8 @@ fn draw_curves<DB: DrawingBackend>(
 
 /// Draws `ratios[step][layer]` (log10, steps from `first_step`) as a
 /// heatmap with one row per layer (the first at the bottom) and a mark at
-/// `mark_step`.
+/// `mark_step`. Errors when `mark_step` is not one of the steps drawn, or
+/// there are more layers than a figure holds.
 pub fn heatmap(
     path: &Path,
     layers: &[String],
@@ -175,6 +185,24 @@ pub fn heatmap(
     mark_step: usize,
     format: Format,
 ) -> Result<()> {
+    let steps = first_step..first_step.saturating_add(ratios.len());
+    if !steps.contains(&mark_step) || steps.end == usize::MAX {
+        return Err(KeelError::config(
+            "mark_step",
+            format!("{mark_step} is not one of the steps drawn, {steps:?}"),
+        ));
+    }
+    // 40 pixels a row: past this the bitmap would not fit in memory.
+    const MAX_LAYERS: usize = 1000;
+    if layers.len() > MAX_LAYERS {
+        return Err(KeelError::config(
+            "layers",
+            format!(
+                "{} rows; a heatmap draws at most {MAX_LAYERS}",
+                layers.len()
+            ),
+        ));
+    }
     let size = (720, 60 + 40 * layers.len() as u32);
     ensure_font()?;
     match format {
@@ -229,6 +257,7 @@ fn draw_heatmap<DB: DrawingBackend>(
         .configure_mesh()
         .disable_mesh()
         .x_desc("step")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_labels(layers.len())
         .y_label_formatter(&move |y| match y {
             SegmentValue::CenterOf(i) if *i >= 0 && (*i as usize) < names.len() => {
@@ -334,5 +363,28 @@ mod tests {
         // The caption, centered over the plot.
         let caption = dark_pixels(&named, w, 200..500, 0..30);
         assert!(caption > 100, "the caption drew {caption} dark pixels");
+    }
+
+    #[test]
+    fn figures_refuse_ranges_they_cannot_draw() {
+        let dir = std::env::temp_dir().join(format!("keel-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("f.svg");
+        let series = [("a".to_string(), vec![3.0, 2.0, 1.0])];
+        for ymax in [f64::NEG_INFINITY, f64::INFINITY, f64::NAN] {
+            let e = loss_curves(&path, &series, ymax, Format::Svg).unwrap_err();
+            assert!(e.to_string().contains("`ymax`"), "{e}");
+        }
+        let rows = [vec![0.1], vec![0.2]];
+        let layers = ["a".to_string()];
+        for (first, mark) in [(usize::MAX, 0), (0, usize::MAX), (10, 9), (10, 12)] {
+            let e = heatmap(&path, &layers, &rows, first, mark, Format::Svg).unwrap_err();
+            assert!(e.to_string().contains("`mark_step`"), "{first} {mark}: {e}");
+        }
+        assert!(!path.exists());
+        // In range, both draw.
+        heatmap(&path, &layers, &rows, 10, 11, Format::Svg).unwrap();
+        loss_curves(&path, &series, 5.0, Format::Svg).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

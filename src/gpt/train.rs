@@ -113,8 +113,17 @@ impl Stress {
     }
 
     /// Writes these settings into `config` (the stress fields become part of
-    /// the config itself, so a run records what it really trained with).
+    /// the config itself, so a run records what it really trained with); on
+    /// an error, `config` is left as it was.
     pub fn apply(&self, config: &mut TrainConfig) -> Result<()> {
+        // On a copy: an error leaves `config` as it was.
+        let mut stressed = config.clone();
+        self.apply_to(&mut stressed)?;
+        *config = stressed;
+        Ok(())
+    }
+
+    fn apply_to(&self, config: &mut TrainConfig) -> Result<()> {
         if !(self.lr_mult.is_finite() && self.lr_mult > 0.0) {
             return Err(KeelError::config(
                 "stress.lr_mult",
@@ -405,6 +414,13 @@ impl TrainConfig {
         }
         if let Some(s) = &self.loss_scaler {
             s.validate()?;
+            if !self.fp16_grads {
+                return Err(KeelError::config(
+                    "loss_scaler",
+                    "scales the loss around the f16 rounding of `fp16_grads`, which is off: \
+                     set fp16_grads = true or drop loss_scaler",
+                ));
+            }
         }
         Ok(())
     }
@@ -431,7 +447,9 @@ impl TrainConfig {
                 Schedule::Wsd {
                     peak_lr,
                     warmup_steps: self.warmup_steps,
-                    stable_steps: self.steps.saturating_sub(self.warmup_steps + decay),
+                    stable_steps: self
+                        .steps
+                        .saturating_sub(self.warmup_steps.saturating_add(decay)),
                     decay_steps: decay,
                     final_lr,
                 }
@@ -576,6 +594,7 @@ pub struct Trainer {
 /// a checkpoint: the optimizer's state dict (a copy of its state, while
 /// saving; on resume the state dict read from the file is moved into the
 /// optimizer, and the files are written and read one tensor at a time).
+/// Also counted: the batches of an evaluation, held at once.
 /// Scratch inside a step (e.g. Shampoo's eigendecompositions) is not counted.
 fn memory_needed(config: &TrainConfig, model: &Gpt<f32>) -> u128 {
     let f32_bytes = std::mem::size_of::<f32>();
@@ -599,12 +618,18 @@ fn memory_needed(config: &TrainConfig, model: &Gpt<f32>) -> u128 {
         0
     };
     let checkpoint = state;
+    // An evaluation holds all its batches' tokens and targets (u32).
+    let eval_batches = (config.eval_batches as u128)
+        .saturating_mul(config.batch as u128)
+        .saturating_mul(config.model.block_size as u128)
+        .saturating_mul(8);
     [
         copies * param_bytes,
         state,
         snapshot,
         checkpoint,
         model.activation_bytes(config.batch, config.model.block_size),
+        eval_batches,
     ]
     .into_iter()
     .fold(0, u128::saturating_add)
@@ -627,6 +652,23 @@ impl Trainer {
     fn build(mut config: TrainConfig, data: &Dataset) -> Result<Self> {
         config.model.vocab_size = data.vocab().len();
         config.validate()?;
+        // Found now, not after the steps at the first evaluation.
+        let t = config.model.block_size;
+        for (name, split) in [
+            ("train", data.train_tokens()),
+            ("validation", data.val_tokens()),
+        ] {
+            if split.len() <= t {
+                return Err(KeelError::config(
+                    "model.block_size",
+                    format!(
+                        "{t} does not fit the data: its {name} split has {} tokens, fewer \
+                         than block_size + 1",
+                        split.len()
+                    ),
+                ));
+            }
+        }
         let model = Gpt::<f32>::new(config.model.clone())?;
         crate::memory::ensure_fits(
             "this training run (parameters, gradients, optimizer state and activations)",
@@ -698,6 +740,21 @@ impl Trainer {
     /// Steps done so far.
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// Writes the parameter names, in the order of the per-tensor arrays of
+    /// a [`StepRecord`] (`tensor_grad_norm`, `update_ratio`, ...), to `path`
+    /// as a JSON array: the key to a run's `metrics.jsonl`.
+    pub fn write_tensor_names(&self, path: &Path) -> Result<()> {
+        let names: Vec<String> = self
+            .model
+            .param_specs()
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        let text = serde_json::to_string(&names).map_err(|e| KeelError::Data(e.to_string()))?;
+        fs::write(path, text + "\n")
+            .map_err(|e| KeelError::Data(format!("cannot write `{}`: {e}", path.display())))
     }
 
     /// Names of the layer rows of [`RunSummary::layer_update_ratio`]:
@@ -1142,10 +1199,13 @@ impl Trainer {
         Ok(trainer)
     }
 
-    /// Changes the total step count (the schedule follows).
+    /// Changes the total step count (the schedule follows); on an error
+    /// nothing changes.
     pub fn set_steps(&mut self, steps: u64) -> Result<()> {
-        self.config.steps = steps;
-        self.config.validate()?;
+        let mut config = self.config.clone();
+        config.steps = steps;
+        config.validate()?;
+        self.config = config;
         self.schedule = self.config.unit_schedule();
         Ok(())
     }
@@ -1337,7 +1397,8 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 /// Text generated from `params` after `prompt` ids: `n` characters sampled
 /// at `temperature` (0: greedy) with `seed`. Returns the prompt's ids (`[0]`
 /// for an empty prompt), then the sampled ones; [`sample_with`] streams
-/// them instead.
+/// them instead. Errors on a parameter that is NaN or infinite (a diverged
+/// run's checkpoint) and on a logit that overflows.
 pub fn sample(
     model: &mut Gpt<f32>,
     params: &[Vec<f32>],
@@ -1372,6 +1433,16 @@ pub fn sample_with(
             format!("must be finite and >= 0, got {temperature}"),
         ));
     }
+    // A diverged run's checkpoint would sample one fixed token forever.
+    for (spec, p) in model.param_specs().iter().zip(params) {
+        if let Some(i) = p.iter().position(|x| !x.is_finite()) {
+            return Err(KeelError::Data(format!(
+                "parameter `{}` holds {} at element {i}: the checkpoint is of a run that \
+                 diverged",
+                spec.name, p[i]
+            )));
+        }
+    }
     let (block, v) = (model.config().block_size, model.config().vocab_size);
     let mut ids = if prompt.is_empty() {
         vec![0]
@@ -1387,6 +1458,11 @@ pub fn sample_with(
         let t = ctx.len();
         model.forward(params, ctx, None, 1, t)?;
         let logits = &model.logits()[(t - 1) * v..t * v];
+        if let Some(l) = logits.iter().find(|l| !l.is_finite()) {
+            return Err(KeelError::Data(format!(
+                "a next-token logit is {l}: the parameters are too large for f32"
+            )));
+        }
         let next = if temperature == 0.0 {
             argmax(logits)
         } else {

@@ -58,6 +58,26 @@ impl LossScalerConfig {
         }
         check_positive("loss_scale.min_scale", self.min_scale)?;
         check_positive("loss_scale.max_scale", self.max_scale)?;
+        // Gradients are f32 or f64: past these, the scale or its reciprocal
+        // is not a normal f32 (unscaling would give inf or 0).
+        let (lo, hi) = (
+            f64::from(f32::MIN_POSITIVE),
+            1.0 / f64::from(f32::MIN_POSITIVE),
+        );
+        for (field, v) in [
+            ("loss_scale.min_scale", self.min_scale),
+            ("loss_scale.max_scale", self.max_scale),
+        ] {
+            if !(lo..=hi).contains(&v) {
+                return Err(KeelError::config(
+                    field,
+                    format!(
+                        "must lie in [2^-126, 2^126], where it and its reciprocal are normal \
+                         f32 numbers, got {v}"
+                    ),
+                ));
+            }
+        }
         if !(self.min_scale <= self.init_scale && self.init_scale <= self.max_scale) {
             return Err(KeelError::config(
                 "loss_scale.init_scale",
@@ -135,13 +155,19 @@ impl DynamicLossScaler {
     }
 
     /// Divides the gradients by the scale in place and returns whether any
-    /// element is non-finite (pass it to [`DynamicLossScaler::update`]).
+    /// element is non-finite, before or after (pass it to
+    /// [`DynamicLossScaler::update`], which then skips the step).
     pub fn unscale<T: Real>(&self, grads: &mut [&mut [T]]) -> bool {
         let views: Vec<&[T]> = grads.iter().map(|g| &g[..]).collect();
         if !all_finite(&views) {
             return true;
         }
         scale_grads(grads, 1.0 / self.scale);
+        // Dividing by a scale below 1 multiplies, and may overflow.
+        if self.scale < 1.0 {
+            let views: Vec<&[T]> = grads.iter().map(|g| &g[..]).collect();
+            return !all_finite(&views);
+        }
         false
     }
 

@@ -185,8 +185,10 @@ impl Spam {
                 ),
             });
         }
-        let mut clipped = 0;
-        for (i, g) in grads.iter_mut().enumerate() {
+        // Every tensor is checked before any is clipped: an error leaves
+        // all gradients as they were.
+        let mut moments = Vec::with_capacity(grads.len());
+        for (i, g) in grads.iter().enumerate() {
             let v = opt.state_buffer(i, "exp_avg_sq").ok_or_else(|| {
                 KeelError::config(
                     "spam",
@@ -196,6 +198,20 @@ impl Spam {
                     ),
                 )
             })?;
+            if g.len() != v.len() {
+                return Err(KeelError::shape(
+                    &opt.specs()[i].name,
+                    format!(
+                        "gradient has {} elements, second moment {}",
+                        g.len(),
+                        v.len()
+                    ),
+                ));
+            }
+            moments.push(v);
+        }
+        let mut clipped = 0;
+        for (g, v) in grads.iter_mut().zip(moments) {
             clipped += spike_clip(g, v, self.config.theta)?;
         }
         self.clipped += clipped as u64;

@@ -185,6 +185,15 @@ impl ZClip {
                 }
                 (norm, None)
             }
+            Some((mean, var)) if var.is_nan() || var <= 0.0 => {
+                // No spread yet (equal norms in the warm-up, e.g. all 0): a
+                // z-score means nothing, and clipping to the mean would keep
+                // the spread at 0 for good. The norm passes and is learned.
+                let m = c.alpha * mean + (1.0 - c.alpha) * norm;
+                let v = (1.0 - c.alpha) * (norm - m).powi(2);
+                self.ema = Some((m, v));
+                (norm, None)
+            }
             Some((mean, var)) => {
                 let sd = var.sqrt();
                 let z = (norm - mean) / (sd + c.eps);
