@@ -378,7 +378,10 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .transpose()?;
-            let stress = stress.map(|p| Stress::from_toml_file(&p)).transpose()?;
+            let stress = stress
+                .map(|p| Stress::from_toml_file(&p))
+                .transpose()
+                .map_err(|e| named_by_flags(e, &[("stress", "--stress")]))?;
             let preset = match preset {
                 LabPreset::Default => Preset::Default,
                 LabPreset::Smoke => Preset::Smoke,
@@ -396,9 +399,14 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
                 lr_mult,
                 progress: true,
             })
-            .map_err(|e| match lr_mult {
-                Some(_) => named_by_flags(e, &[("stress.lr_mult", "--lr-mult")]),
-                None => e,
+            .map_err(|e| match (lr_mult, e) {
+                // The multiplier, or an lr it took out of range, is the flag's.
+                (Some(_), KeelError::Config { field, message })
+                    if field == "stress.lr_mult" || field.ends_with(".lr") =>
+                {
+                    flag_error("--lr-mult", KeelError::Config { field, message })
+                }
+                (_, e) => named_by_flags(e, &[("out", "--out")]),
             })?;
             println!("{}", r.table);
             println!("report: {}", r.report.display());
@@ -471,7 +479,8 @@ fn run(cli: Cli) -> Result<ExitCode, KeelError> {
             model,
         } => {
             let config = match config {
-                Some(text) => OptimizerConfig::from_json(&text)?,
+                Some(text) => OptimizerConfig::from_json(&text)
+                    .map_err(|e| named_by_flags(e, &[("optimizer", "--config")]))?,
                 None => {
                     let mut json = serde_json::json!({ "kind": optimizer, "lr": 0.001 });
                     if optimizer == "sgd" {
@@ -588,10 +597,19 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
             ));
         }
         // The checkpoint's config decides everything but the step count.
-        let (block_size, at) = {
+        let (block_size, at, total) = {
             let ckpt = ModelCheckpoint::read(&ckpt_dir)?;
-            (ckpt.config.model.block_size, ckpt.step)
+            (ckpt.config.model.block_size, ckpt.step, ckpt.config.steps)
         };
+        if a.steps.is_none() && at >= total {
+            return Err(KeelError::config(
+                "--steps",
+                format!(
+                    "the checkpoint's run is complete ({at} of {total} steps); give more \
+                     steps to continue it"
+                ),
+            ));
+        }
         if let Some(s) = a.steps.filter(|&s| s <= at) {
             return Err(KeelError::config(
                 "--steps",

@@ -147,6 +147,15 @@ fn bad_counts_name_the_flag() {
         "bench-gpt --warmup 100000000",
         &["`--warmup`: must be at most 1000000, got 100000000"],
     );
+    assert_refused(
+        "spike-lab --lr-mult 1e300 --out /nonexistent/keel-cli",
+        &["`--lr-mult`", "(as `adamw.lr`)"],
+    );
+    assert_refused(
+        "spike-lab --stress /nonexistent/keel-stress.toml --out /nonexistent/keel-cli",
+        &["`--stress`: /nonexistent/keel-stress.toml"],
+    );
+    assert_refused("bench --config {bad", &["`--config`"]);
     // A spike lab too short for the detector to judge any step.
     assert_refused(
         "spike-lab --steps 119 --out /nonexistent/keel-cli",
@@ -296,6 +305,11 @@ fn resuming_continues_the_checkpointed_run() {
     }
     keel_ok(&["train", "--resume", "--steps", "12", "--out", out_s]);
     assert_eq!(recorded_steps(&metrics), (0..12).collect::<Vec<_>>());
+    // A finished run has nothing to resume without more steps.
+    assert_refused(
+        &format!("train --resume --out {out_s}"),
+        &["`--steps`: the checkpoint's run is complete (12 of 12 steps)"],
+    );
     // A new run into the folder must say it replaces the old one.
     assert_refused(
         &format!("train --steps 4 --warmup 1 --out {out_s}"),
