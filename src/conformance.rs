@@ -176,8 +176,8 @@ pub fn load_case(path: &Path) -> Result<Case> {
     Ok(case)
 }
 
-/// The case files under `paths`: files as given, directories' `*.json` files
-/// in name order.
+/// The case files under `paths`: files as given, and the `*.json` files in
+/// directories and their subfolders, in name order; each file once.
 pub fn case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for path in paths {
@@ -198,16 +198,21 @@ pub fn case_files(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Appends the `*.json` files under `dir` and its subfolders, in name order.
+/// Appends the `*.json` files under `dir` and its subfolders (not linked
+/// ones), in name order.
 fn json_files_under(dir: &Path, files: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(|e| KeelError::Case {
         path: dir.to_path_buf(),
         message: format!("cannot list: {e}"),
     })?;
-    let mut found: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    // Linked folders are not followed (a link to a parent would never end).
+    let mut found: Vec<(PathBuf, bool)> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| (e.path(), e.file_type().is_ok_and(|t| t.is_dir())))
+        .collect();
     found.sort();
-    for path in found {
-        if path.is_dir() {
+    for (path, is_dir) in found {
+        if is_dir {
             json_files_under(&path, files)?;
         } else if path.extension().is_some_and(|x| x == "json") {
             files.push(path);

@@ -70,7 +70,8 @@ enum Command {
         /// scale (three model sizes).
         #[arg(long, value_enum, default_value_t = LabPreset::Default)]
         preset: LabPreset,
-        /// Output folder (default runs/spike-lab-<preset>).
+        /// Output folder (default runs/spike-lab-<preset>); an earlier lab's
+        /// report, figures and run folders there are replaced.
         #[arg(long)]
         out: Option<PathBuf>,
         /// Seeds per arm (default: the preset's).
@@ -695,19 +696,12 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
     std::fs::create_dir_all(&ckpt_dir).map_err(|e| out_err(&ckpt_dir, e))?;
     trainer.write_tensor_names(&a.out.join("tensors.json"))?;
     let total = trainer.config().steps;
-    // Ctrl-C (or SIGTERM) stops the run after the step in flight, with a
-    // checkpoint; a second one stops it at once.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let flag = stop.clone();
-    let handler = ctrlc::set_handler(move || {
-        if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("\nstopping after this step (Ctrl-C again to stop at once)");
-    });
-    if let Err(e) = handler {
-        eprintln!("warning: Ctrl-C will stop the run without a checkpoint: {e}");
-    }
+    let (stop, saving) = stop_on_signals();
+    // A save in progress finishes before a second Ctrl-C exits.
+    let save = |trainer: &Trainer| {
+        let _saving = saving.lock().unwrap_or_else(|e| e.into_inner());
+        trainer.save(&ckpt_dir, &data)
+    };
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -744,11 +738,11 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
             }
         }
         if a.checkpoint_every > 0 && trainer.step() % a.checkpoint_every == 0 {
-            trainer.save(&ckpt_dir, &data)?;
+            save(&trainer)?;
         }
     }
     bar.finish_and_clear();
-    trainer.save(&ckpt_dir, &data)?;
+    save(&trainer)?;
     let ran = trainer.step() - first_step;
     if skipped > 0 {
         eprintln!(
@@ -783,6 +777,45 @@ fn train_command(a: TrainArgs) -> Result<ExitCode, KeelError> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Makes Ctrl-C (SIGINT) and SIGTERM set the returned flag, so a run stops
+/// after the step in flight with a checkpoint; a second signal exits at
+/// once (status 130), but only once the save holding the returned lock, if
+/// any, is complete, so no checkpoint is left half written. SIGHUP, which
+/// the handler also catches, stays ignored when it was (`nohup`).
+fn stop_on_signals() -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::sync::Arc<std::sync::Mutex<()>>,
+) {
+    use std::sync::atomic::Ordering;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let saving = std::sync::Arc::new(std::sync::Mutex::new(()));
+    let (flag, lock) = (stop.clone(), saving.clone());
+    #[cfg(unix)]
+    let hangup_ignored = {
+        // SAFETY: a query (no new action) into a zeroed sigaction.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        let queried = unsafe { libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) };
+        queried == 0 && old.sa_sigaction == libc::SIG_IGN
+    };
+    let handler = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            let _saved = lock.lock();
+            std::process::exit(130);
+        }
+        eprintln!("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)");
+    });
+    match handler {
+        Err(e) => eprintln!("warning: Ctrl-C will stop the run without a checkpoint: {e}"),
+        #[cfg(unix)]
+        // SAFETY: restores the ignore disposition the process started with.
+        Ok(()) if hangup_ignored => unsafe {
+            libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        },
+        Ok(()) => {}
+    }
+    (stop, saving)
 }
 
 /// The checkpoint folder `path` names: the folder itself, the run folder of
@@ -857,7 +890,8 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, KeelError> {
     let mut config = match &a.config {
         // Checked once the flags are in (below).
         Some(path) => TrainConfig::parse_toml_file(path)?,
-        None => TrainConfig::new(GptConfig::new(65, 64, 2, 4, 64), 1000),
+        // Vocabulary 0: the data sets it.
+        None => TrainConfig::new(GptConfig::new(0, 64, 2, 4, 64), 1000),
     };
     if let Some(n) = a.n_layer {
         config.model.n_layer = n;
@@ -964,7 +998,9 @@ fn train_config(a: &TrainArgs) -> Result<TrainConfig, KeelError> {
             .collect();
         match named_by_flags(e, &flags) {
             // The flags' model has 4 heads, which no flag changes.
-            KeelError::Config { field, message } if field == "--n-embd" && a.config.is_none() => {
+            KeelError::Config { field, message }
+                if field == "--n-embd" && a.config.is_none() && message.contains("n_head") =>
+            {
                 KeelError::config(
                     field,
                     format!(

@@ -698,9 +698,9 @@ fn train_flags_a_contradicting_vocabulary_and_a_diverged_run() {
     );
 }
 
-/// A spike lab into a folder that holds an earlier one replaces that lab's
-/// files (a run folder of an arm not run now, a heatmap not drawn now) and
-/// nothing else; arms may be listed with spaces; a report without plain
+/// A spike lab into a folder that holds an earlier one (its report) replaces
+/// that lab's files (a run folder of an arm not run now, a heatmap not drawn
+/// now) and nothing else; arms may be listed with spaces; a report without plain
 /// AdamW says so; and the preset's outliers past `--steps` are named.
 #[test]
 fn spike_lab_replaces_an_earlier_lab_and_reports_what_it_left_out() {
@@ -713,17 +713,21 @@ fn spike_lab_replaces_an_earlier_lab_and_reports_what_it_left_out() {
     std::fs::write(out.join("shampoo-seed0").join("mine.txt"), "keep").unwrap();
     std::fs::write(out.join("update_ratio_heatmap.png"), "old").unwrap();
     std::fs::write(out.join("notes.txt"), "keep").unwrap();
-    keel_output(&[
-        "spike-lab",
-        "--preset",
-        "smoke",
-        "--steps",
-        "120",
-        "--arms",
-        "lamb, adamw+clip1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    std::fs::write(out.join("report.md"), "# keel spike lab: preset `smoke`\n").unwrap();
+    let lab = |out: &std::path::Path| {
+        keel_output(&[
+            "spike-lab",
+            "--preset",
+            "smoke",
+            "--steps",
+            "120",
+            "--arms",
+            "lamb, adamw+clip1",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    lab(&out);
     let mut left: Vec<String> = walk(&out);
     left.sort();
     assert_eq!(
@@ -741,6 +745,13 @@ fn spike_lab_replaces_an_earlier_lab_and_reports_what_it_left_out() {
         ]
     );
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    // Without an earlier lab's report, a folder's run-like folders are not
+    // the lab's to remove.
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(other.join("adamw-seed0")).unwrap();
+    std::fs::write(other.join("adamw-seed0").join("metrics.jsonl"), "{}\n").unwrap();
+    lab(&other);
+    assert!(other.join("adamw-seed0").join("metrics.jsonl").is_file());
     for needle in [
         "Plain AdamW was not among the arms: nothing to compare with.",
         "Plain AdamW was not among the arms: no heatmap.",
@@ -764,4 +775,25 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
         }
     }
     found
+}
+
+/// `train --data` takes any text's vocabulary (the flags' model has none
+/// of its own), and `sample` decodes with it.
+#[test]
+fn train_takes_the_vocabulary_of_its_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("abc.txt");
+    let body: String = (0..3000).map(|i| ["ab ", "ca\n", "bba "][i % 3]).collect();
+    std::fs::write(&text, body).unwrap();
+    let out = dir.path().join("run");
+    train_tiny(
+        out.to_str().unwrap(),
+        "2",
+        "1",
+        &["--data", text.to_str().unwrap()],
+    );
+    let ckpt = keel::gpt::train::ModelCheckpoint::read(&out.join("checkpoint")).unwrap();
+    assert_eq!(ckpt.config.model.vocab_size, 5);
+    let (sampled, _) = keel_output(&["sample", out.to_str().unwrap(), "--chars", "30"]);
+    assert!(sampled.chars().all(|c| "abc \n".contains(c)), "{sampled:?}");
 }

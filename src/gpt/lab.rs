@@ -444,7 +444,10 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     // settings leaves no output folder behind.
     fs::create_dir_all(&dir)
         .map_err(|e| KeelError::config("out", format!("cannot create `{}`: {e}", dir.display())))?;
-    clear_earlier_lab(&dir)?;
+    let run_names: Vec<String> = jobs
+        .iter()
+        .map(|(arm, size, seed, _)| run_name(*arm, *size, *seed, lab.sizes.len() > 1))
+        .collect();
     let total: u64 = jobs.iter().map(|j| j.3.steps).sum();
     let bar = if options.progress {
         let b = ProgressBar::new(total);
@@ -501,6 +504,8 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
         .collect();
     bar.finish_and_clear();
     let results: Vec<RunResult> = results.into_iter().collect::<Result<_>>()?;
+    // Only once every run is done: a lab that fails leaves the earlier one.
+    clear_earlier_lab(&dir, &run_names)?;
     let rows = table_rows(&lab, &results);
     let table = markdown_table(&rows, lab.sizes.len() > 1);
     let report = write_report(&lab, &dir, &results, &rows, &table, ln_v, &dropped_outliers)?;
@@ -550,11 +555,26 @@ fn run_name(arm: Arm, size: (usize, usize), seed: u64, sized: bool) -> String {
     }
 }
 
-/// Removes what an earlier lab wrote to `dir` (its report, figures and run
-/// folders' files), so the folder shows this lab alone; files keel did not
-/// write stay, and so does a run folder holding any.
-fn clear_earlier_lab(dir: &Path) -> Result<()> {
-    let entries = fs::read_dir(dir).map_err(|e| io_err(dir, e))?;
+/// The first line of every report starts so: the mark of an earlier lab.
+const REPORT_HEADING: &str = "# keel spike lab";
+
+/// Removes what an earlier lab wrote to `dir`, so the folder shows this lab
+/// alone: its report and figures, and the files of its run folders other
+/// than `keep` (this lab's). Only where `dir/report.md` is a lab's report;
+/// files keel did not write stay, so does a run folder holding any, and
+/// symbolic links are not followed.
+fn clear_earlier_lab(dir: &Path, keep: &[String]) -> Result<()> {
+    let earlier = fs::read_to_string(dir.join("report.md"))
+        .is_ok_and(|text| text.starts_with(REPORT_HEADING));
+    if !earlier {
+        return Ok(());
+    }
+    let remove_err = |path: &Path, e: std::io::Error| {
+        KeelError::Data(format!(
+            "cannot remove `{}` of an earlier lab: {e}",
+            path.display()
+        ))
+    };
     let figures = [
         "report.md",
         "loss_curves.svg",
@@ -562,16 +582,20 @@ fn clear_earlier_lab(dir: &Path) -> Result<()> {
         "update_ratio_heatmap.svg",
         "update_ratio_heatmap.png",
     ];
-    for entry in entries {
-        let path = entry.map_err(|e| io_err(dir, e))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if figures.contains(&name) && path.is_file() {
-            fs::remove_file(&path).map_err(|e| io_err(&path, e))?;
-        } else if is_run_name(name) && path.is_dir() {
+    for entry in fs::read_dir(dir).map_err(|e| remove_err(dir, e))? {
+        let entry = entry.map_err(|e| remove_err(dir, e))?;
+        let (path, kind) = (
+            entry.path(),
+            entry.file_type().map_err(|e| remove_err(dir, e))?,
+        );
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if figures.contains(&name.as_str()) && kind.is_file() {
+            fs::remove_file(&path).map_err(|e| remove_err(&path, e))?;
+        } else if kind.is_dir() && is_run_name(&name) && !keep.contains(&name) {
             for file in ["metrics.jsonl", "tensors.json"] {
                 let file = path.join(file);
-                if file.is_file() {
-                    fs::remove_file(&file).map_err(|e| io_err(&file, e))?;
+                if fs::symlink_metadata(&file).is_ok_and(|m| m.is_file()) {
+                    fs::remove_file(&file).map_err(|e| remove_err(&file, e))?;
                 }
             }
             // Fails, and is meant to, when the folder holds other files.
@@ -788,7 +812,7 @@ fn write_report(
 ) -> Result<PathBuf> {
     let sized = lab.sizes.len() > 1;
     let mut md = String::new();
-    let _ = writeln!(md, "# keel spike lab: preset `{}`\n", lab.preset.name());
+    let _ = writeln!(md, "{REPORT_HEADING}: preset `{}`\n", lab.preset.name());
     let m = &lab.base.model;
     let _ = writeln!(
         md,

@@ -163,7 +163,9 @@ impl DynamicLossScaler {
             return true;
         }
         scale_grads(grads, 1.0 / self.scale);
-        // Dividing by a scale below 1 multiplies, and may overflow.
+        // Dividing by a scale below 1 multiplies, and may overflow. The
+        // caller's `update(true)` then skips the step and backs the scale
+        // off further; such a gradient is past f32 at any scale in range.
         if self.scale < 1.0 {
             let views: Vec<&[T]> = grads.iter().map(|g| &g[..]).collect();
             return !all_finite(&views);

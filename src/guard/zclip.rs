@@ -85,8 +85,8 @@ pub struct ZClipOutcome {
     /// The factor to multiply every gradient by (1 when not clipped or when
     /// the norm is not finite).
     pub factor: f64,
-    /// The z-score of the norm against the EMAs (`None` in warm-up or when the
-    /// norm is not finite).
+    /// The z-score of the norm against the EMAs (`None` in warm-up, while
+    /// the EMAs have no spread yet, or when the norm is not finite).
     pub z: Option<f64>,
 }
 
