@@ -18,8 +18,8 @@
 //! ```
 //! use keel::{CpuOptimizer, Optimizer, OptimizerConfig, ParamSpec};
 //!
-//! let config: OptimizerConfig =
-//!     serde_json::from_str(r#"{"kind": "adamw", "lr": 0.01, "weight_decay": 0.1}"#)?;
+//! let config =
+//!     OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.01, "weight_decay": 0.1}"#)?;
 //! let specs = vec![ParamSpec::new("w", [2, 2]), ParamSpec::new("b", [2])];
 //! let mut opt = CpuOptimizer::<f32>::new(config, specs)?;
 //! let (mut w, mut b) = (vec![1.0f32; 4], vec![0.0f32; 2]);
@@ -57,6 +57,9 @@ pub use checkpoint::{StateData, StateDict, StateTensor};
 pub use config::{NonFinitePolicy, OptimizerConfig, OptimizerKind};
 pub use error::{KeelError, Result};
 pub use group::ParamGroup;
+/// The `half` crate keel's bf16 parameters come from (`half::bf16`), so a
+/// caller needs no version of its own to match.
+pub use half;
 pub use optim::Optimizer;
 pub use schedule::Schedule;
 pub use stats::{SkipReason, StepStats, TensorStats};

@@ -24,7 +24,9 @@ fn short_training_run_validation_loss_falls_below_2_5() {
 }
 
 /// A config touching every piece of state a resume must restore: two
-/// optimizers (Muon + AdamW), layer-wise lr decay, an EMA, accumulation.
+/// optimizers (Muon + AdamW), layer-wise lr decay, an EMA, accumulation,
+/// ZClip's statistics (past its warm-up at the save) and a loss scaler's
+/// scale (grown by then).
 fn resume_config(steps: u64) -> TrainConfig {
     let mut c = TrainConfig::new(GptConfig::new(65, 16, 2, 2, 32), steps);
     c.batch = 4;
@@ -32,6 +34,17 @@ fn resume_config(steps: u64) -> TrainConfig {
     c.grad_accum = 2;
     c.ema_decay = Some(0.9);
     c.layer_lr_decay = 0.8;
+    c.zclip = Some(keel::guard::ZClipConfig {
+        warmup_steps: 3,
+        z_thresh: 1.0,
+        ..Default::default()
+    });
+    c.fp16_grads = true;
+    c.loss_scaler = Some(keel::guard::LossScalerConfig {
+        init_scale: 1.0,
+        growth_interval: 2,
+        ..Default::default()
+    });
     c.matrix_optimizer = Some(
         OptimizerConfig::from_json(
             r#"{"kind": "muon", "lr": 0.003, "adjust_lr": "match_rms_adamw"}"#,

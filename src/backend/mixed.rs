@@ -166,6 +166,13 @@ impl MixedPrecisionOptimizer {
         &self.inner
     }
 
+    /// The inner f32 optimizer, to change its state (e.g. SPAM's momentum
+    /// reset, `Spam::after_step`). Stepping it directly would bypass the
+    /// master weights and the bf16 copies: step through `self`.
+    pub fn inner_mut(&mut self) -> &mut CpuOptimizer<f32> {
+        &mut self.inner
+    }
+
     /// A step with gradients of any supported element type (bf16 or f32).
     pub fn step_with_grads<G: GradElem<f32>>(
         &mut self,

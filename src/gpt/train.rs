@@ -1096,7 +1096,8 @@ impl Trainer {
     }
 
     /// Writes a checkpoint into the folder `dir`: `model.safetensors`
-    /// (parameters, EMA, step, config and vocabulary) and one
+    /// (parameters, EMA, step, config, vocabulary, and the statistics of
+    /// ZClip and the loss scaler; not the loss guard's snapshot) and one
     /// `optimizer{k}.safetensors` per optimizer, each written atomically;
     /// the model file goes last, so it only names a complete checkpoint. The
     /// model file holds a CRC-32 of every tensor and of its metadata, and the
@@ -1116,6 +1117,16 @@ impl Trainer {
             serde_json::to_string(&self.config).map_err(|e| checkpoint_err(dir, e.to_string()))?,
         );
         meta.insert("vocab".to_string(), data.vocab().chars().iter().collect());
+        // The guards' statistics, so a resumed run clips and scales as the
+        // uninterrupted one (the loss guard's snapshot is not kept).
+        let guards = SavedGuards {
+            zclip: self.zclip.clone(),
+            loss_scaler: self.scaler.clone(),
+        };
+        meta.insert(
+            "guards".to_string(),
+            serde_json::to_string(&guards).map_err(|e| checkpoint_err(dir, e.to_string()))?,
+        );
         // Each optimizer file's own checksum: the model file names exactly
         // the files it goes with (step counts can repeat after a rollback).
         let optimizer_crcs = (0..self.parts.len())
@@ -1196,6 +1207,15 @@ impl Trainer {
         }
         trainer.step = ckpt.step;
         trainer.skipped = ckpt.skipped;
+        // Checkpoints written before the guards were saved restart them.
+        if let Some(saved) = ckpt.guards {
+            if trainer.zclip.is_some() {
+                trainer.zclip = saved.zclip;
+            }
+            if trainer.scaler.is_some() {
+                trainer.scaler = saved.loss_scaler;
+            }
+        }
         Ok(trainer)
     }
 
@@ -1209,6 +1229,14 @@ impl Trainer {
         self.schedule = self.config.unit_schedule();
         Ok(())
     }
+}
+
+/// The guard statistics a checkpoint keeps.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedGuards {
+    zclip: Option<ZClip>,
+    loss_scaler: Option<DynamicLossScaler>,
 }
 
 /// Refuses an outlier of `outliers` (the field `field`) at or past step
@@ -1241,6 +1269,8 @@ pub struct ModelCheckpoint {
     tensor_crcs: Option<BTreeMap<String, String>>,
     /// The checksums of the optimizer files that go with this one.
     optimizer_crcs: Option<Vec<String>>,
+    /// ZClip's and the loss scaler's statistics (older files: none).
+    guards: Option<SavedGuards>,
     /// The file, open: the tensors come from the file the metadata came
     /// from, even if a run saves a new checkpoint over it meanwhile.
     reader: TensorReader<fs::File>,
@@ -1315,7 +1345,25 @@ impl ModelCheckpoint {
                 ),
             ));
         }
+        let guards = match meta.get("guards") {
+            None => None,
+            Some(text) => {
+                let saved: SavedGuards = serde_json::from_str(text)
+                    .map_err(|e| checkpoint_err(&path, format!("bad `guards`: {e}")))?;
+                // A guard the config has must come with its statistics.
+                let missing = (config.zclip.is_some() && saved.zclip.is_none())
+                    || (config.loss_scaler.is_some() && saved.loss_scaler.is_none());
+                if missing {
+                    return Err(checkpoint_err(
+                        &path,
+                        "`guards` lacks a guard of its config",
+                    ));
+                }
+                Some(saved)
+            }
+        };
         Ok(ModelCheckpoint {
+            guards,
             step: parse("step")?,
             skipped: parse("skipped")?,
             vocab,

@@ -119,12 +119,46 @@ pub enum LossScaleAction {
 /// assert_eq!(s.scale(), 65536.0); // two clean steps: grown
 /// # Ok::<(), keel::KeelError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Serializable with serde: saved beside the optimizer's checkpoint, it lets
+/// a resumed run continue exactly; a loaded one is checked as
+/// [`DynamicLossScaler::new`] checks its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct DynamicLossScaler {
     config: LossScalerConfig,
     scale: f64,
     clean_steps: u64,
     skipped: u64,
+}
+
+// Saved with a checkpoint; a loaded one is checked like a new one.
+impl Serialize for DynamicLossScaler {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        DynamicLossScaler::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for DynamicLossScaler {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let loaded = DynamicLossScaler::deserialize(d)?;
+        let check = |g: &DynamicLossScaler| -> Result<()> {
+            g.config.validate()?;
+            let c = g.config;
+            if !(c.min_scale..=c.max_scale).contains(&g.scale) {
+                return Err(KeelError::config(
+                    "loss_scale",
+                    format!(
+                        "a saved scale of {} is outside [min_scale, max_scale]",
+                        g.scale
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        check(&loaded).map_err(serde::de::Error::custom)?;
+        Ok(loaded)
+    }
 }
 
 impl DynamicLossScaler {

@@ -1,5 +1,9 @@
 //! Spike guards: small, orthogonal pieces a trainer composes around any
-//! [`crate::Optimizer`].
+//! [`crate::Optimizer`] (SPAM reads and resets the state of a
+//! [`crate::CpuOptimizer`]: a bf16 optimizer's through
+//! [`crate::MixedPrecisionOptimizer::inner_mut`]; [`LossGuard`] snapshots one
+//! optimizer, so a Muon + AdamW split needs one guard per optimizer). Each
+//! guard's statistics serialize with serde, to be saved with a checkpoint.
 //!
 //! | piece | what it does | paper |
 //! |---|---|---|

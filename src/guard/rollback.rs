@@ -15,7 +15,9 @@ use crate::optim::Optimizer;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SpikeAction {
-    /// Do not step on the spiking batch.
+    /// Do not step on the spiking batch. A non-finite loss still rolls back
+    /// (to the last snapshot, which the guard keeps taking every
+    /// `snapshot_every` steps in this mode too), or skips without one.
     #[default]
     Skip,
     /// Restore the last snapshot (once per spike event; the event's later

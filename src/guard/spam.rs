@@ -121,7 +121,12 @@ impl SpamConfig {
 /// assert_eq!(spam.lr_factor(), 1.0); // one step after the reset, warm-up of 2 done
 /// # Ok::<(), keel::KeelError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Serializable with serde: saved beside the optimizer's checkpoint, it lets
+/// a resumed run continue exactly; a loaded one is checked as
+/// [`Spam::new`] checks its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct Spam {
     config: SpamConfig,
     steps: u64,
@@ -129,6 +134,22 @@ pub struct Spam {
     since_reset: Option<u64>,
     resets: u64,
     clipped: u64,
+}
+
+// Saved with a checkpoint; a loaded one is checked like a new one.
+impl Serialize for Spam {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        Spam::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Spam {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let loaded = Spam::deserialize(d)?;
+        let check = |g: &Spam| -> Result<()> { g.config.validate() };
+        check(&loaded).map_err(serde::de::Error::custom)?;
+        Ok(loaded)
+    }
 }
 
 impl Spam {

@@ -96,13 +96,43 @@ pub struct SpikeCheck {
 /// assert!(d.observe(f64::NAN).spike && d.events() == 1); // merged
 /// # Ok::<(), keel::KeelError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Serializable with serde: saved beside the optimizer's checkpoint, it lets
+/// a resumed run continue exactly; a loaded one is checked as
+/// [`SpikeDetector::new`] checks its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct SpikeDetector {
     config: SpikeDetectorConfig,
     history: VecDeque<f64>,
     finite_seen: u64,
     in_event: bool,
     events: u64,
+}
+
+// Saved with a checkpoint; a loaded one is checked like a new one.
+impl Serialize for SpikeDetector {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        SpikeDetector::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for SpikeDetector {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let loaded = SpikeDetector::deserialize(d)?;
+        let check = |g: &SpikeDetector| -> Result<()> {
+            g.config.validate()?;
+            if g.history.len() > g.config.window {
+                return Err(KeelError::config(
+                    "spike.window",
+                    format!("{} saved losses, more than the window", g.history.len()),
+                ));
+            }
+            Ok(())
+        };
+        check(&loaded).map_err(serde::de::Error::custom)?;
+        Ok(loaded)
+    }
 }
 
 impl SpikeDetector {

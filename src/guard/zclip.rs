@@ -119,7 +119,12 @@ pub struct ZClipOutcome {
 /// assert!((out.factor - 0.275).abs() < 1e-6);
 /// # Ok::<(), keel::KeelError>(())
 /// ```
-#[derive(Debug, Clone, PartialEq)]
+///
+/// Serializable with serde: saved beside the optimizer's checkpoint, it lets
+/// a resumed run continue exactly; a loaded one is checked as
+/// [`ZClip::new`] checks its settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields)]
 pub struct ZClip {
     config: ZClipConfig,
     /// Norms collected in warm-up (emptied once the EMAs start).
@@ -127,6 +132,32 @@ pub struct ZClip {
     /// `(mean, variance)` once warm-up is over.
     ema: Option<(f64, f64)>,
     clipped: u64,
+}
+
+// Saved with a checkpoint; a loaded one is checked like a new one.
+impl Serialize for ZClip {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        ZClip::serialize(self, s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ZClip {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let loaded = ZClip::deserialize(d)?;
+        let check = |g: &ZClip| -> Result<()> {
+            g.config.validate()?;
+            let (mean, var) = g.ema.unwrap_or((0.0, 0.0));
+            if !(mean >= 0.0 && var >= 0.0 && g.warmup.iter().all(|x| *x >= 0.0)) {
+                return Err(KeelError::config(
+                    "zclip",
+                    "a saved norm or its EMAs are negative",
+                ));
+            }
+            Ok(())
+        };
+        check(&loaded).map_err(serde::de::Error::custom)?;
+        Ok(loaded)
+    }
 }
 
 impl ZClip {
