@@ -947,7 +947,7 @@ fn spam_resets_a_mixed_precision_optimizer() {
     use keel::{MixedPrecisionOptimizer, ParamGroup, Rounding};
     let config = OptimizerConfig::from_json(r#"{"kind": "adamw", "lr": 0.01}"#).unwrap();
     let specs = vec![ParamSpec::new("w", [3])];
-    let mut w = vec![bf16::from_f32(1.0); 3];
+    let mut w = [bf16::from_f32(1.0); 3];
     let groups = vec![ParamGroup::all(&specs)];
     let mut opt =
         MixedPrecisionOptimizer::new(config, specs, groups, &[&w[..]], Rounding::Nearest).unwrap();
@@ -956,7 +956,7 @@ fn spam_resets_a_mixed_precision_optimizer() {
         ..Default::default()
     })
     .unwrap();
-    let g = vec![bf16::from_f32(0.5); 3];
+    let g = [bf16::from_f32(0.5); 3];
     opt.step(&mut [&mut w[..]], &[&g[..]]).unwrap();
     assert!(opt.inner().state_buffer(0, "exp_avg").unwrap()[0] != 0.0);
     assert!(spam.after_step(opt.inner_mut()));
