@@ -215,6 +215,13 @@ impl Dataset {
         &self.val
     }
 
+    /// Refuses a window of `t` tokens that either split is too short for
+    /// (with its targets).
+    pub(crate) fn check_window(&self, t: usize) -> Result<()> {
+        check_fits(&self.train, t, "train")?;
+        check_fits(&self.val, t, "validation")
+    }
+
     /// A training batch of `b` windows at uniformly random offsets drawn
     /// from `rng` (the same seed gives the same batches).
     pub fn train_batch(&self, rng: &mut SplitMix64, b: usize, t: usize) -> Result<Batch> {

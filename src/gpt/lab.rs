@@ -475,8 +475,9 @@ pub fn run_lab(options: &LabOptions) -> Result<LabReport> {
     // keep two threads busy, so arms in parallel finish sooner.
     let results: Vec<Result<RunResult>> = jobs
         .into_par_iter()
-        .map(|(arm, size, seed, config)| {
-            let run_dir = dir.join(run_name(arm, size, seed, lab.sizes.len() > 1));
+        .zip(&run_names)
+        .map(|((arm, size, seed, config), name)| {
+            let run_dir = dir.join(name);
             fs::create_dir_all(&run_dir).map_err(|e| io_err(&run_dir, e))?;
             let mut trainer = Trainer::new(config, &data)?;
             trainer.write_tensor_names(&run_dir.join("tensors.json"))?;

@@ -654,21 +654,13 @@ impl Trainer {
         config.validate()?;
         // Found now, not after the steps at the first evaluation.
         let t = config.model.block_size;
-        for (name, split) in [
-            ("train", data.train_tokens()),
-            ("validation", data.val_tokens()),
-        ] {
-            if split.len() <= t {
-                return Err(KeelError::config(
-                    "model.block_size",
-                    format!(
-                        "{t} does not fit the data: its {name} split has {} tokens, fewer \
-                         than block_size + 1",
-                        split.len()
-                    ),
-                ));
-            }
-        }
+        data.check_window(t).map_err(|e| match e {
+            KeelError::Data(m) => KeelError::config(
+                "model.block_size",
+                format!("{t} does not fit the data: {m}"),
+            ),
+            other => other,
+        })?;
         let model = Gpt::<f32>::new(config.model.clone())?;
         crate::memory::ensure_fits(
             "this training run (parameters, gradients, optimizer state and activations)",

@@ -132,34 +132,20 @@ pub struct DynamicLossScaler {
     skipped: u64,
 }
 
-// Saved with a checkpoint; a loaded one is checked like a new one.
-impl Serialize for DynamicLossScaler {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        DynamicLossScaler::serialize(self, s)
+checked_serde!(DynamicLossScaler, |g| {
+    g.config.validate()?;
+    let c = g.config;
+    if !(c.min_scale..=c.max_scale).contains(&g.scale) {
+        return Err(KeelError::config(
+            "loss_scale",
+            format!(
+                "a saved scale of {} is outside [min_scale, max_scale]",
+                g.scale
+            ),
+        ));
     }
-}
-
-impl<'de> Deserialize<'de> for DynamicLossScaler {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let loaded = DynamicLossScaler::deserialize(d)?;
-        let check = |g: &DynamicLossScaler| -> Result<()> {
-            g.config.validate()?;
-            let c = g.config;
-            if !(c.min_scale..=c.max_scale).contains(&g.scale) {
-                return Err(KeelError::config(
-                    "loss_scale",
-                    format!(
-                        "a saved scale of {} is outside [min_scale, max_scale]",
-                        g.scale
-                    ),
-                ));
-            }
-            Ok(())
-        };
-        check(&loaded).map_err(serde::de::Error::custom)?;
-        Ok(loaded)
-    }
-}
+    Ok(())
+});
 
 impl DynamicLossScaler {
     /// A scaler at `init_scale`; errors on an invalid config.

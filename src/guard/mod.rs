@@ -34,6 +34,33 @@
 
 use crate::real::Real;
 
+/// Serde for a guard whose fields derive it with `remote = "Self"`: saved
+/// with a checkpoint, and a loaded one must pass `$check` (on `$g`, the
+/// loaded guard), as `new` checks its settings.
+macro_rules! checked_serde {
+    ($ty:ident, |$g:ident| $check:block) => {
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                $ty::serialize(self, s)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                fn check($g: &$ty) -> crate::error::Result<()> $check
+                let loaded = $ty::deserialize(d)?;
+                check(&loaded).map_err(serde::de::Error::custom)?;
+                Ok(loaded)
+            }
+        }
+    };
+}
+
 mod loss_scale;
 mod rollback;
 mod spam;

@@ -136,21 +136,7 @@ pub struct Spam {
     clipped: u64,
 }
 
-// Saved with a checkpoint; a loaded one is checked like a new one.
-impl Serialize for Spam {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        Spam::serialize(self, s)
-    }
-}
-
-impl<'de> Deserialize<'de> for Spam {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let loaded = Spam::deserialize(d)?;
-        let check = |g: &Spam| -> Result<()> { g.config.validate() };
-        check(&loaded).map_err(serde::de::Error::custom)?;
-        Ok(loaded)
-    }
-}
+checked_serde!(Spam, |g| { g.config.validate() });
 
 impl Spam {
     /// A fresh guard; errors on an invalid config.

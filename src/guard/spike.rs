@@ -110,30 +110,16 @@ pub struct SpikeDetector {
     events: u64,
 }
 
-// Saved with a checkpoint; a loaded one is checked like a new one.
-impl Serialize for SpikeDetector {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        SpikeDetector::serialize(self, s)
+checked_serde!(SpikeDetector, |g| {
+    g.config.validate()?;
+    if g.history.len() > g.config.window {
+        return Err(KeelError::config(
+            "spike.window",
+            format!("{} saved losses, more than the window", g.history.len()),
+        ));
     }
-}
-
-impl<'de> Deserialize<'de> for SpikeDetector {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let loaded = SpikeDetector::deserialize(d)?;
-        let check = |g: &SpikeDetector| -> Result<()> {
-            g.config.validate()?;
-            if g.history.len() > g.config.window {
-                return Err(KeelError::config(
-                    "spike.window",
-                    format!("{} saved losses, more than the window", g.history.len()),
-                ));
-            }
-            Ok(())
-        };
-        check(&loaded).map_err(serde::de::Error::custom)?;
-        Ok(loaded)
-    }
-}
+    Ok(())
+});
 
 impl SpikeDetector {
     /// A detector with an empty history; errors on an invalid config.

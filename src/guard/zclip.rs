@@ -134,31 +134,17 @@ pub struct ZClip {
     clipped: u64,
 }
 
-// Saved with a checkpoint; a loaded one is checked like a new one.
-impl Serialize for ZClip {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        ZClip::serialize(self, s)
+checked_serde!(ZClip, |g| {
+    g.config.validate()?;
+    let (mean, var) = g.ema.unwrap_or((0.0, 0.0));
+    if !(mean >= 0.0 && var >= 0.0 && g.warmup.iter().all(|x| *x >= 0.0)) {
+        return Err(KeelError::config(
+            "zclip",
+            "a saved norm or its EMAs are negative",
+        ));
     }
-}
-
-impl<'de> Deserialize<'de> for ZClip {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let loaded = ZClip::deserialize(d)?;
-        let check = |g: &ZClip| -> Result<()> {
-            g.config.validate()?;
-            let (mean, var) = g.ema.unwrap_or((0.0, 0.0));
-            if !(mean >= 0.0 && var >= 0.0 && g.warmup.iter().all(|x| *x >= 0.0)) {
-                return Err(KeelError::config(
-                    "zclip",
-                    "a saved norm or its EMAs are negative",
-                ));
-            }
-            Ok(())
-        };
-        check(&loaded).map_err(serde::de::Error::custom)?;
-        Ok(loaded)
-    }
-}
+    Ok(())
+});
 
 impl ZClip {
     /// A fresh clipper; errors on an invalid config.
